@@ -1,0 +1,46 @@
+# One entry point for a fresh machine: `make demo` sets everything up and runs the main job,
+# `make test` runs the whole test suite. Both create ./.venv on first use.
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+# The CPU-usable pair that imports together here (lpips needs torchvision); see docs/install.md.
+TORCH    := torch==2.14.1 torchvision==0.29.1
+# jemalloc makes CPU training/inference 1.4-2.5x faster on these VMs (../shared/spec/performance.md).
+JEMALLOC  = $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2))
+RUN       = LD_PRELOAD=$(JEMALLOC) $(BIN)/python
+DEMO_BUNDLE ?= brain_mri_interpolation_super_resolution
+DEMO_OUT    ?= outputs/demo
+
+.PHONY: install demo test bench jemalloc clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory jemalloc
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+# Best effort: installs Debian's libjemalloc2 when we are root and apt works; says so when it cannot.
+jemalloc:
+	@if [ -n "$(JEMALLOC)" ]; then echo "jemalloc: $(JEMALLOC)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq libjemalloc2) >/dev/null 2>&1 \
+	  && echo "jemalloc: installed libjemalloc2" || echo "jemalloc: could not install libjemalloc2; running without it (slower)"; \
+	else echo "jemalloc: not found and not root; running without it (slower)"; fi
+
+demo: install
+	$(RUN) -m monai.bundle run --config_file bundles/$(DEMO_BUNDLE)/configs/inference.json \
+	    --bundle_root bundles/$(DEMO_BUNDLE) --output_dir $(DEMO_OUT)
+	@echo "Results (SR volume, PNG preview, metrics JSON): $(abspath $(DEMO_OUT))"
+
+test: install
+	$(RUN) -m pytest
+
+bench: install
+	$(RUN) -m common.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
