@@ -1,3 +1,20 @@
-"""Shared code of the brain MRI super-resolution bundles: data, networks, diffusion, metrics, reports."""
+"""Shared code of the brain MRI super-resolution bundles: data, networks, diffusion, metrics, reports.
+
+Submodules load on first attribute access, so a bundle config needs only ``"$import common"`` and can then
+name ``common.pipelines.…`` or ``"_target_": "common.…"`` without importing what it does not use.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_SUBMODULES = {
+    "bench", "data", "degrade", "diffusion", "engines", "evaluation", "io", "metrics", "networks", "pipelines",
+    "report", "transforms", "upsample",
+}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,183 @@
+"""Datalists, the embedded sample, sagittal slice stacks (2.5D) and paired LR/HR random patches (2D/3D)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable
+
+from common.io import VolumeError, check_nifti_header, list_nifti, nifti_stem
+
+__all__ = [
+    "EMBEDDED_SAMPLE",
+    "embedded_sample_path",
+    "inference_datalist",
+    "evaluation_datalist",
+    "build_datalist",
+    "slice_stack",
+    "RandPairedPatchd",
+]
+
+# The MNI152 2009a template inside the nilearn wheel: a 1 mm average brain that any fresh install has.
+EMBEDDED_SAMPLE = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def embedded_sample_path() -> Path:
+    """Path of the embedded sample volume shipped in the installed nilearn package (found without importing it)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise VolumeError("nilearn", "package not installed: it carries the embedded sample (pip install nilearn)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_SAMPLE
+    if not path.is_file():
+        raise VolumeError(path, "the embedded sample is missing from this nilearn install")
+    return path
+
+
+def inference_datalist(dataset_dir: str | None, min_shape: Sequence[int] = (1, 1, 1)) -> list[dict]:
+    """Items for the inference command: every NIfTI in ``dataset_dir`` as ``{"image": path}``.
+
+    With no ``dataset_dir`` the embedded sample is given as the HR ``label``, to be degraded into the LR
+    ``image`` by the bundle's preprocessing (and scored against it). Headers are checked up front, so a bad file
+    stops the run before any output is written.
+    """
+    if dataset_dir in (None, "", "None"):
+        return [{"label": str(embedded_sample_path()), "embedded_sample": True}]
+    files = list_nifti(dataset_dir)
+    for path in files:
+        check_nifti_header(path, min_shape)
+    return [{"image": str(path)} for path in files]
+
+
+def evaluation_datalist(dataset_dir: str | None) -> list[dict]:
+    """Items for evaluation: every NIfTI in ``dataset_dir`` as an HR ``label`` (the embedded sample when None)."""
+    if dataset_dir in (None, "", "None"):
+        return [{"label": str(embedded_sample_path())}]
+    files = list_nifti(dataset_dir)
+    for path in files:
+        check_nifti_header(path)
+    return [{"label": str(path)} for path in files]
+
+
+def _read_covariates(path: str | Path) -> dict[str, dict]:
+    """CSV (or JSON list) of covariates keyed by a ``subject`` column matching the file stems."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(path, "covariates file not found")
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    if not rows or "subject" not in rows[0]:
+        raise VolumeError(path, "covariates need a 'subject' column matching the NIfTI file stems")
+    return {str(r["subject"]): {k: v for k, v in r.items() if k != "subject"} for r in rows}
+
+
+def build_datalist(
+    folder: str | Path,
+    key: str = "label",
+    val_subjects: Sequence[str] | None = None,
+    num_val: int = 1,
+    covariates: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, list[dict]]:
+    """A MONAI-style datalist ``{"training": [...], "validation": [...]}`` from a folder of HR NIfTI.
+
+    Args:
+        folder: folder of NIfTI volumes (one subject each).
+        key: the key holding each path ("label" for HR volumes that LR pairs are simulated from).
+        val_subjects: file stems held out for validation; when None, ``num_val`` stems drawn with ``seed``.
+        num_val: number of held-out subjects when ``val_subjects`` is None.
+        covariates: optional CSV/JSON with a ``subject`` column; its other columns are added to the items.
+        seed: seed for the validation draw.
+    """
+    files = list_nifti(folder)
+    covars = _read_covariates(covariates) if covariates else {}
+    items = [{key: str(p), "subject": nifti_stem(p), **covars.get(nifti_stem(p), {})} for p in files]
+    stems = [it["subject"] for it in items]
+    if val_subjects is None:
+        val_subjects = random.Random(seed).sample(stems, min(num_val, max(len(stems) - 1, 0)))
+    unknown = set(val_subjects) - set(stems)
+    if unknown:
+        raise VolumeError(folder, f"validation subjects not found: {sorted(unknown)}")
+    return {
+        "training": [it for it in items if it["subject"] not in val_subjects],
+        "validation": [it for it in items if it["subject"] in val_subjects],
+    }
+
+
+def slice_stack(volume: torch.Tensor, offsets: Sequence[int] = (-1, 0), axis: int = 0) -> torch.Tensor:
+    """Stack each slice with its neighbours as channels: (X, Y, Z) -> (n_slices, len(offsets), *plane).
+
+    Args:
+        volume: 3D tensor (or (1, X, Y, Z)).
+        offsets: neighbour offsets per output channel; (-1, 0) = previous + target slice (the EDM 2.5D paper),
+            (-1, 0, 1) = both neighbours. Indices past the ends repeat the edge slice.
+        axis: slicing axis (0 = sagittal in RAS).
+    """
+    if volume.ndim == 4:
+        volume = volume[0]
+    vol = volume.movedim(axis, 0)
+    n = vol.shape[0]
+    index = torch.arange(n)[:, None] + torch.as_tensor(list(offsets))[None, :]
+    return vol[index.clamp(0, n - 1)]
+
+
+class RandPairedPatchd(Randomizable, MapTransform):
+    """Random aligned LR/HR patches: an LR patch at a random corner and the HR patch it covers.
+
+    LR voxel i covers HR voxels f*i .. f*i+f-1 (methods.md §0), so the HR patch starts at f times the LR start.
+    Works for any number of spatial axes (2D slices or 3D volumes, channel-first).
+
+    Args:
+        lr_key: key of the LR image (C, *lr_spatial).
+        hr_keys: keys on the HR grid (the target, and e.g. a mask).
+        lr_patch_size: LR patch size per spatial axis.
+        scale_factor: HR/LR factor per spatial axis.
+        num_samples: patches per call (a list of dicts when > 1, as MONAI's RandSpatialCropSamplesd).
+    """
+
+    def __init__(
+        self,
+        lr_key: str,
+        hr_keys: KeysCollection,
+        lr_patch_size: Sequence[int],
+        scale_factor: Sequence[int],
+        num_samples: int = 1,
+    ):
+        hr_keys = [hr_keys] if isinstance(hr_keys, str) else list(hr_keys)
+        MapTransform.__init__(self, [lr_key] + hr_keys)
+        self.lr_key, self.hr_keys = lr_key, hr_keys
+        self.lr_patch_size = tuple(int(s) for s in lr_patch_size)
+        self.scale_factor = tuple(int(f) for f in scale_factor)
+        self.num_samples = num_samples
+        self._starts: list[tuple[int, ...]] = []
+
+    def randomize(self, lr_shape: Sequence[int]) -> None:
+        if any(s < p for s, p in zip(lr_shape, self.lr_patch_size)):
+            raise ValueError(f"LR image {tuple(lr_shape)} is smaller than the patch {self.lr_patch_size}")
+        self._starts = [
+            tuple(int(self.R.randint(0, s - p + 1)) for s, p in zip(lr_shape, self.lr_patch_size))
+            for _ in range(self.num_samples)
+        ]
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(d[self.lr_key].shape[1:])
+        out = []
+        for start in self._starts:
+            item = dict(d)
+            lr_sl = tuple(slice(s, s + p) for s, p in zip(start, self.lr_patch_size))
+            hr_sl = tuple(slice(s * f, (s + p) * f) for s, p, f in zip(start, self.lr_patch_size, self.scale_factor))
+            item[self.lr_key] = d[self.lr_key][(slice(None),) + lr_sl]
+            for key in self.hr_keys:
+                item[key] = d[key][(slice(None),) + hr_sl]
+            out.append(item)
+        return out if self.num_samples > 1 else out[0]
