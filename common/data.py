@@ -21,6 +21,7 @@ __all__ = [
     "inference_datalist",
     "evaluation_datalist",
     "build_datalist",
+    "training_datalist",
     "slice_stack",
     "RandPairedPatchd",
 ]
@@ -111,6 +112,42 @@ def build_datalist(
         "training": [it for it in items if it["subject"] not in val_subjects],
         "validation": [it for it in items if it["subject"] in val_subjects],
     }
+
+
+def training_datalist(
+    dataset_dir: str, datalist: str | None = None, key: str = "label", num_val: int = 1, seed: int = 0
+) -> dict[str, list[dict]]:
+    """The training/validation split of the training command.
+
+    With a ``datalist`` JSON (MONAI style: ``{"training": [...], "validation": [...]}``), its relative paths are
+    taken from ``dataset_dir``; items may give real LR/HR pairs (``image`` = LR, ``label`` = HR) and covariates.
+    Without one, every NIfTI in ``dataset_dir`` is an HR ``label`` and ``num_val`` of them are held out.
+    """
+    if datalist in (None, "", "None"):
+        return build_datalist(dataset_dir, key=key, num_val=num_val, seed=seed)
+    path = Path(datalist)
+    if not path.is_file():
+        raise VolumeError(path, "datalist file not found")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise VolumeError(path, f"not valid JSON ({err})") from err
+    out = {}
+    for split in ("training", "validation"):
+        items = []
+        for item in content.get(split, []):
+            item = dict(item)
+            for k in ("image", "label"):
+                if k in item and not Path(item[k]).is_absolute():
+                    item[k] = str(Path(dataset_dir) / item[k])
+                if k in item:
+                    check_nifti_header(item[k])
+            item.setdefault("subject", nifti_stem(item.get("label", item.get("image"))))
+            items.append(item)
+        out[split] = items
+    if not out["training"]:
+        raise VolumeError(path, "no 'training' items")
+    return out
 
 
 def slice_stack(volume: torch.Tensor, offsets: Sequence[int] = (-1, 0), axis: int = 0) -> torch.Tensor:
