@@ -34,9 +34,8 @@ class VolumeProgress:
             meta = getattr(image, "meta", {})
             names.append(str(meta.get("filename_or_obj", "?")))
         total = engine.state.epoch_length or "?"
-        msg = f"volume {engine.state.iteration}/{total}: {', '.join(names)} ({time.perf_counter() - self._t0:.1f} s)"
-        logger.info(msg)
-        print(msg, file=sys.stderr, flush=True)
+        seconds = time.perf_counter() - self._t0
+        logger.info("volume %s/%s: %s (%.1f s)", engine.state.iteration, total, ", ".join(names), seconds)
 
 
 def find_volume_error(err: BaseException) -> VolumeError | None:

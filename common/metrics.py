@@ -501,7 +501,6 @@ def json_safe(v: Any) -> Any:
     return float(v) if isinstance(v, np.floating) else v
 
 
-_json_value = json_safe  # earlier private name, still used by callers
 
 
 def _columns(rows: Iterable[dict], preferred: Sequence[str]) -> list[str]:

@@ -44,6 +44,7 @@ def inference_preprocessing(
     min_shape: Sequence[int] = (1, 1, 1),
     degradation: Transform | None = None,
     num_slices: int | None = None,
+    clip: bool = True,
 ) -> Compose:
     """Load (RAS, checked), simulate the LR input from an HR label where no LR is given, scale LR to [0, 1].
 
@@ -55,13 +56,15 @@ def inference_preprocessing(
         min_shape: smallest LR volume the method accepts.
         degradation: how LR is simulated from HR (block averaging by ``scale_factor`` when None).
         num_slices: crop HR labels to their central sagittal slices first (for evaluation on slabs).
+        clip: clip the scaled LR to [0, 1] (learned models are trained on clipped inputs; interpolation needs
+            no clipping and keeps intensities above the 99th percentile, e.g. contrast enhancement).
     """
     return Compose(
         [
             LoadVolumed(keys=["image", "label"], min_shape=min_shape, allow_missing_keys=True),
             central_slices(num_slices),
             SimulateLRd(scale_factor, degradation),
-            PercentileNormalized(keys="image"),
+            PercentileNormalized(keys="image", clip=clip),
         ]
     )
 

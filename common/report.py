@@ -112,7 +112,8 @@ def bar_chart(
         if shown:
             # PSNR ~ 30 dB and SSIM ~ 0.95 differ in the last digits: start the axis below the smallest bar
             lo, hi = min(shown), max(shown)
-            spread = (hi - lo) or abs(hi) * 0.05 or 1.0
+            # at least 5 % of the value: equal bars must not be blown up to show rounding noise
+            spread = max(hi - lo, abs(hi) * 0.05, 1e-3)
             bottom = max(lo - 1.5 * spread, 0.0) if lo >= 0 else lo - 1.5 * spread
             ax.set_ylim(bottom, hi + 0.6 * spread)
         else:  # nothing to draw (e.g. LPIPS unavailable): an empty panel saying n/a, not a zero bar
@@ -126,6 +127,7 @@ def bar_chart(
                         fontsize=8)
         ax.set_xticks(x, methods, rotation=20 if len(methods) > 3 else 0, ha="right" if len(methods) > 3 else "center")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
