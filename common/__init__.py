@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "bench", "data", "degrade", "diffusion", "engines", "evaluation", "io", "metrics", "networks", "pipelines",
+    "bench", "data", "degrade", "diffusion", "engines", "evaluation", "export", "io", "metrics", "networks", "pipelines",
     "report", "transforms", "upsample",
 }
 
