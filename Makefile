@@ -12,6 +12,12 @@ RUN       = LD_PRELOAD=$(JEMALLOC) $(BIN)/python
 DEMO_BUNDLE ?= brain_mri_interpolation_super_resolution
 DEMO_OUT    ?= outputs/demo
 
+# bash with pipefail, so filtering pip's noise below keeps pip's exit status
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip repeats a warning per package for each configured index folder that lacks it: not our concern, not shown
+QUIET_PIP   := grep -v "is ignored: it is neither a file nor a directory" || true
+
 .PHONY: install demo test bench jemalloc clean
 
 install: $(STAMP)
@@ -19,8 +25,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory jemalloc
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(TORCH) 2>&1 | { $(QUIET_PIP); }
+	$(BIN)/pip install -q -e '.[test]' 2>&1 | { $(QUIET_PIP); }
 	@touch $(STAMP)
 
 # Best effort: installs Debian's libjemalloc2 when we are root and apt works; says so when it cannot.

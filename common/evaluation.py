@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,12 +38,17 @@ def _plain(x) -> np.ndarray:
     return x[0] if x.ndim == 4 else x
 
 
+@dataclass
 class ScoredVolume:
-    """One scored subject: summaries of SR and of the bicubic baseline, per-slice rows, and the [0,1] volumes."""
+    """One scored subject: summaries and per-slice rows of SR and of the bicubic baseline, and the [0,1] volumes."""
 
-    def __init__(self, subject: str, sr: dict, bicubic: dict, per_slice: list[dict], volumes: dict, mask):
-        self.subject, self.sr, self.bicubic, self.per_slice = subject, sr, bicubic, per_slice
-        self.volumes, self.mask = volumes, mask
+    subject: str
+    sr: dict
+    bicubic: dict
+    per_slice: list[dict]
+    bicubic_per_slice: list[dict]
+    volumes: dict[str, np.ndarray]
+    mask: np.ndarray
 
     def as_json(self) -> dict:
         """The summaries with the gains over bicubic."""
@@ -95,9 +101,9 @@ def score_sr(
     sr_summary, rows = metrics.evaluate_volume(
         unit(sr), unit(hr), mask=mask, lr=lr_scaled, degrade=degrade, lpips=lpips, subject=subject
     )
-    bic_summary, _ = metrics.evaluate_volume(unit(bicubic), unit(hr), mask=mask, subject=subject)
+    bic_summary, bic_rows = metrics.evaluate_volume(unit(bicubic), unit(hr), mask=mask, subject=subject)
     volumes = {"LR (nearest)": unit(nearest), "bicubic": unit(bicubic), "SR": unit(sr), "HR": unit(hr)}
-    return ScoredVolume(subject, sr_summary, bic_summary, rows, volumes, mask)
+    return ScoredVolume(subject, sr_summary, bic_summary, rows, bic_rows, volumes, mask)
 
 
 def _item_units(item: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +201,9 @@ class SREvaluationHandler:
             return
         out = self.output_dir
         metrics.write_tables([s.sr for s in self.scored], [r for s in self.scored for r in s.per_slice], out)
-        metrics.write_tables([s.bicubic for s in self.scored], [], out, prefix="bicubic")
+        metrics.write_tables(
+            [s.bicubic for s in self.scored], [r for s in self.scored for r in s.bicubic_per_slice], out, prefix="bicubic"
+        )
         means = {"bicubic": metrics.summarise([s.bicubic for s in self.scored]),
                  self.method: metrics.summarise([s.sr for s in self.scored])}
         report.bar_chart(means, out / "bars.png", metrics=("psnr_mask", "ssim2d_mask"))
@@ -204,6 +212,6 @@ class SREvaluationHandler:
         first = self.scored[0]
         report.three_view({k: first.volumes[k] for k in ("LR (nearest)", "SR", "HR")}, out / "three_view.png")
         report.error_heatmap(first.volumes["SR"], first.volumes["HR"], out / "error_heatmap.png")
-        report.per_slice_psnr({self.method: first.per_slice}, out / "per_slice_psnr.png")
+        report.per_slice_psnr({"bicubic": first.bicubic_per_slice, self.method: first.per_slice}, out / "per_slice_psnr.png")
         engine.state.metrics.update({k: v for k, v in means[self.method].items() if isinstance(v, float)})
         logger.info("evaluation written to %s", out)
