@@ -9,8 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "bench", "data", "degrade", "diffusion", "engines", "evaluation", "export", "io", "metrics", "networks", "pipelines",
-    "report", "transforms", "upsample",
+    "bench", "data", "degrade", "diffusion", "edm_training", "engines", "evaluation", "export", "inferers", "io",
+    "metrics", "networks", "pipelines", "report", "transforms", "upsample", "windowed_denoiser",
 }
 
 
