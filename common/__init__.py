@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "bench", "data", "degrade", "diffusion", "edm_training", "engines", "evaluation", "export", "inferers", "io",
-    "metrics", "networks", "pipelines", "report", "transforms", "upsample", "windowed_denoiser",
+    "metrics", "networks", "pipelines", "report", "tables", "transforms", "upsample", "windowed_denoiser",
 }
 
 

@@ -18,7 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
-from common import metrics, report
+from common import metrics, report, tables
 from common.degrade import BlockAverage, Degradation
 from common.io import atomic_path, nifti_stem, save_volume
 from common.transforms import head_mask, invert_normalization, percentiles
@@ -143,7 +143,7 @@ class SampleReportd:
         views = {k: scored.volumes[k] for k in ("LR (nearest)", "SR", "HR")}
         report.preview(views, self.output_dir / f"{stem}_preview.png")
         with atomic_path(self.output_dir / f"{stem}_metrics.json") as tmp:
-            tmp.write_text(json.dumps(metrics.json_safe(scored.as_json()), indent=2))
+            tmp.write_text(json.dumps(tables.json_safe(scored.as_json()), indent=2))
         logger.info("sample: PSNR (head mask) %.2f dB, bicubic %.2f dB", scored.sr["psnr_mask"], scored.bicubic["psnr_mask"])
         return data
 
@@ -200,12 +200,12 @@ class SREvaluationHandler:
         if not self.scored:
             return
         out = self.output_dir
-        metrics.write_tables([s.sr for s in self.scored], [r for s in self.scored for r in s.per_slice], out)
-        metrics.write_tables(
+        tables.write_tables([s.sr for s in self.scored], [r for s in self.scored for r in s.per_slice], out)
+        tables.write_tables(
             [s.bicubic for s in self.scored], [r for s in self.scored for r in s.bicubic_per_slice], out, prefix="bicubic"
         )
-        means = {"bicubic": metrics.summarise([s.bicubic for s in self.scored]),
-                 self.method: metrics.summarise([s.sr for s in self.scored])}
+        means = {"bicubic": tables.summarise([s.bicubic for s in self.scored]),
+                 self.method: tables.summarise([s.sr for s in self.scored])}
         report.bar_chart(means, out / "bars.png", metrics=("psnr_mask", "ssim2d_mask"))
         report.per_subject_psnr({"bicubic": [s.bicubic for s in self.scored],
                                  self.method: [s.sr for s in self.scored]}, out / "per_subject_psnr.png")

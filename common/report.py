@@ -92,7 +92,7 @@ def bar_chart(
     """Bars of mean metrics per method, one panel per metric (e.g. PSNR and SSIM).
 
     Args:
-        results: method name -> {metric: value} (e.g. :func:`common.metrics.summarise` output). Missing,
+        results: method name -> {metric: value} (e.g. :func:`common.tables.summarise` output). Missing,
             "unavailable" or non-finite values are marked "n/a" instead of drawn.
         path: output PNG.
         metrics: the metric keys, one panel each.

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import MRI_DIR, REPO
+from conftest import REPO
 
 SCHEMA = REPO.parent / "shared" / "spec" / "monai" / "meta_schema_20240725.json"
 BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())

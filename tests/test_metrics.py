@@ -12,6 +12,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from common import metrics as M
+from common import tables as T
 
 SHAPE = (12, 40, 40)
 SK_SSIM = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
@@ -216,7 +217,7 @@ def test_summarise_skips_missing_values():
         {"subject": "a", "psnr": 30.0, "lpips": "unavailable", "ssim3d": None},
         {"subject": "b", "psnr": 32.0, "lpips": "unavailable", "ssim3d": 0.9},
     ]
-    mean = M.summarise(rows)
+    mean = T.summarise(rows)
     assert mean == {"subject": "mean", "psnr": 31.0, "lpips": "unavailable", "ssim3d": 0.9, "n_subjects": 2}
 
 
@@ -231,12 +232,12 @@ def test_write_tables_round_trip(tmp_path):
         summaries.append(s)
         rows += r
     rows[0]["psnr"] = math.inf  # a perfect slice: infinite PSNR must survive strict JSON
-    paths = M.write_tables(summaries, rows, tmp_path / "out", prefix="bench")
+    paths = T.write_tables(summaries, rows, tmp_path / "out", prefix="bench")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
 
     subj = json.loads(paths["per_subject_json"].read_text())
     assert subj["subjects"] == summaries
-    assert subj["mean"] == M.summarise(summaries)
+    assert subj["mean"] == T.summarise(summaries)
     assert subj["mean"]["psnr"] == pytest.approx(np.mean([s["psnr"] for s in summaries]))
     assert subj["mean"]["lpips"] == "unavailable"
 

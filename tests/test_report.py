@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from common import metrics, report
+from common import metrics, report, tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -50,7 +50,7 @@ def _check_png(path, min_size=(50, 50)) -> tuple[int, ...]:
 
 def test_bar_chart(tmp_path, scored):
     _, summaries, _ = scored
-    means = {name: metrics.summarise(rows) for name, rows in summaries.items()}
+    means = {name: tables.summarise(rows) for name, rows in summaries.items()}
     path = report.bar_chart(means, tmp_path / "bars.png")
     h, w, _ = _check_png(path)
     assert w > h  # two panels side by side
