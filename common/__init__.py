@@ -9,8 +9,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "bench", "data", "degrade", "diffusion", "edm_training", "engines", "evaluation", "export", "inferers", "io",
-    "metrics", "networks", "pipelines", "report", "tables", "transforms", "upsample", "windowed_denoiser",
+    "bench", "data", "degrade", "diffusion", "edm_training", "engines", "evaluation", "export", "inferers",
+    "io", "metrics", "networks", "operators", "pipelines", "report", "tables", "transforms", "upsample",
+    "volume_inferer", "volume_training", "windowed_denoiser",
 }
 
 

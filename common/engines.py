@@ -66,3 +66,29 @@ def install_error_hook() -> None:
             print(f"error: {bad}", file=sys.stderr, flush=True)
 
     sys.excepthook = hook
+
+
+def load_state(network, path, map_location="cpu", strict: bool = True):
+    """Load a weights file (a bare ``state_dict``, or a checkpoint dict holding one under ``"network"`` or
+    ``"model"``) into ``network`` and return the network, so a config's ``network`` entry carries its weights
+    (what the benchmark and other direct users of ``network`` and ``inferer`` need).
+
+    Args:
+        network: the module to fill.
+        path: the weights file.
+        map_location: ``torch.load`` map_location.
+        strict: require the keys to match exactly.
+    """
+    import torch
+
+    state = torch.load(str(path), map_location=map_location, weights_only=True)
+    for key in ("network", "model"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    network.load_state_dict(state, strict=strict)
+    logger.info("loaded weights from %s", path)
+    return network
+
+
+__all__ += ["load_state"]
