@@ -10,7 +10,8 @@ the network output is the EDM loss (methods.md §1). Around it:
   neighbours, an aligned random in-plane crop), :func:`repeat_dataset` (an epoch of a chosen length over few
   cached volumes), :func:`validation_preprocessing` (a central slab of a held-out volume);
 - handlers: :class:`GradientClipping`, :class:`ResumeFromLatest` (resume from the newest checkpoint in a
-  folder, if any), :class:`EngineCheckpointSaver` (checkpoints that include the trainer's state), :class:`FinalWeightsSaver` (the network's ``state_dict``, written atomically at the end);
+  folder, if any), :class:`EngineCheckpointSaver` (checkpoints that include the trainer's state),
+  :class:`FinalWeightsSaver` (the network's ``state_dict``, written atomically at the end);
 - :func:`checkpoint_to_weights` turns a training checkpoint into the weights file a bundle ships.
 """
 
@@ -113,7 +114,8 @@ class CropHRToLRd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         lr = d[self.image_key].shape[1:]
-        d[self.label_key] = d[self.label_key][(slice(None),) + tuple(slice(0, s * f) for s, f in zip(lr, self.scale_factor))]
+        crop = tuple(slice(0, s * f) for s, f in zip(lr, self.scale_factor))
+        d[self.label_key] = d[self.label_key][(slice(None),) + crop]
         return d
 
 
@@ -254,7 +256,8 @@ class RandSlicePatchd(Randomizable, MapTransform):
             if len(fg):
                 centre = fg[self.R.randint(len(fg))].tolist()
         starts = [
-            self._start(hr.shape[1 + a], self.patch_size[a], None if centre is None else centre[a], self.scale_factor[a])
+            self._start(hr.shape[1 + a], self.patch_size[a], None if centre is None else centre[a],
+                        self.scale_factor[a])
             for a in range(2)
         ]
         sl = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
@@ -398,7 +401,8 @@ class ResumeFromLatest:
         map_location: Any = "cpu",
         engine_key: str | None = "trainer",
     ) -> None:
-        self.ckpt_dir, self.load_dict, self.pattern, self.map_location = ckpt_dir, dict(load_dict), pattern, map_location
+        self.ckpt_dir, self.load_dict, self.pattern = ckpt_dir, dict(load_dict), pattern
+        self.map_location = map_location
         self.engine_key = engine_key
         self.loaded: Path | None = None
 

@@ -1,4 +1,4 @@
-"""Training a VE score model on HR sagittal slices only (SRMRI, methods.md §3) with MONAI's stock ``SupervisedTrainer``.
+"""Training a VE score model on HR sagittal slices only (SRMRI, methods.md §3) with MONAI's ``SupervisedTrainer``.
 
 No LR/HR pairs are ever simulated: the model learns the prior of HR slices, and the forward operator is chosen at
 inference (:mod:`common.score_inferer`), so one model serves every scale factor and degradation.
@@ -55,7 +55,9 @@ def _plain(x: Any) -> Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
-def hr_preprocessing(lower: float = 1.0, upper: float = 99.0, threshold: float = 0.1, min_foreground: float = 0.05) -> Compose:
+def hr_preprocessing(
+    lower: float = 1.0, upper: float = 99.0, threshold: float = 0.1, min_foreground: float = 0.05
+) -> Compose:
     """The cached part of the data path: load the HR ``label`` (RAS, checked), scale it to [0, 1] by its own
     ``lower``/``upper`` percentiles and clip (methods.md §0), and list its non-empty sagittal slices in
     ``fg_slices`` (at least ``min_foreground`` of the voxels above ``threshold``). No LR image is made.
@@ -85,7 +87,11 @@ class ForegroundSlicesd(MapTransform):
     """
 
     def __init__(
-        self, threshold: float = 0.1, min_foreground: float = 0.05, label_key: str = "label", output_key: str = "fg_slices"
+        self,
+        threshold: float = 0.1,
+        min_foreground: float = 0.05,
+        label_key: str = "label",
+        output_key: str = "fg_slices",
     ) -> None:
         super().__init__([label_key])
         self.threshold, self.min_foreground = float(threshold), float(min_foreground)
@@ -149,7 +155,9 @@ class RandSliceCropd(Randomizable, MapTransform):
             fg = torch.nonzero(plane > self.threshold)
             if len(fg):
                 centre = fg[self.R.randint(len(fg))].tolist()
-        starts = [self._start(plane.shape[a], self.patch_size[a], None if centre is None else centre[a]) for a in range(2)]
+        starts = [
+            self._start(plane.shape[a], self.patch_size[a], None if centre is None else centre[a]) for a in range(2)
+        ]
         # a copy: the cached volume is shared with later draws (CacheDataset with copy_cache=False)
         crop = plane[tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))][None].clone()
         pad = [0, max(self.patch_size[1] - crop.shape[2], 0), 0, max(self.patch_size[0] - crop.shape[1], 0)]

@@ -81,7 +81,8 @@ def test_deterministic_per_seed(sampler):
     lr = _lr()[None, None]
 
     def run(seed):
-        return EDMSliceInferer(sampler=sampler, num_steps=2, s_churn=1.0, seed=seed, progress=False)(lr, NoisyDenoiser())
+        inferer = EDMSliceInferer(sampler=sampler, num_steps=2, s_churn=1.0, seed=seed, progress=False)
+        return inferer(lr, NoisyDenoiser())
 
     a, b, c = run(0), run(0), run(1)
     torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -18,6 +18,7 @@ from common.score_inferer import (
     SplitMeanStdd,
     fit_operator,
     make_operator,
+    slab_preprocessing,
 )
 from common.upsample import grid_upsample
 
@@ -76,7 +77,10 @@ def test_recovers_hr_with_an_exact_prior_and_beats_cubic(sampler):
     lr = _lr(hr)
     prior = GaussianPrior(hr[:, None])
     # ζ is an absolute step (plain-norm DPS): small for these 16 x 16 slices
-    kw = dict(num_steps=8, zeta=0.2) if sampler == "heun" else dict(num_steps=200, skip=1, zeta=0.05)
+    if sampler == "heun":
+        kw = dict(num_steps=8, zeta=0.2, zeta_scaling="none")
+    else:
+        kw = dict(num_steps=200, skip=1, zeta=0.05)
     inferer = ScoreSRInferer(operator="box", sampler=sampler, sigma_max=5.0, slice_batch=3, progress=False,
                              empty_threshold=0.0, **kw)
     sr = inferer(lr[None, None], prior)
@@ -95,6 +99,18 @@ def test_network_calls_per_slice():
     assert ScoreSRInferer(sampler="heun", num_steps=10, order=1).nfe_per_slice() == 10
     pc = ScoreSRInferer(sampler="pc")
     assert pc.zeta == 0.28 and pc.fusion and pc.num_steps == 2000 and pc.snr == 0.16
+
+
+def test_dps_step_size_scaling():
+    """The paper's ζ is absolute; the fast path's is per 256 x 256 slice (same per-voxel step at every size)."""
+    pc = ScoreSRInferer(sampler="pc")
+    assert pc.zeta_scaling == "none" and pc.step_size((720, 512)) == 0.28 and pc.step_size((64, 64)) == 0.28
+    heun = ScoreSRInferer(sampler="heun", zeta=16.0)
+    assert heun.zeta_scaling == "image"
+    assert heun.step_size((256, 256)) == 16.0 and heun.step_size((128, 128)) == 8.0
+    assert ScoreSRInferer(sampler="heun", zeta=4.0, zeta_scaling="none").step_size((128, 128)) == 4.0
+    with pytest.raises(ValueError, match="zeta_scaling"):
+        ScoreSRInferer(zeta_scaling="pixel")
 
 
 @pytest.mark.parametrize("scale", [(1, 2, 2), (1, 1, 4), (1, 3, 1), (1, 4, 4)])
@@ -154,6 +170,28 @@ def test_empty_slices_are_upsampled_not_sampled():
     assert _psnr(sr[0, 0, [0, 2]], hr[[0, 2]]) > 30
 
 
+def test_only_the_head_box_is_sampled():
+    hr = torch.zeros(2, 32, 32)
+    hr[:, 8:20, 12:28] = _hr_volume(x=2, size=(12, 16))
+    lr = _lr(hr)
+    shapes = []
+
+    def net(x, sigma):
+        shapes.append(tuple(x.shape[-2:]))
+        return -x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    inferer = ScoreSRInferer(operator="box", sampler="heun", num_steps=2, sigma_max=5.0, progress=False, crop_margin=1)
+    assert inferer.content_box(lr[:, None]) == ((3, 11), (5, 15))
+    sr = inferer(lr[None, None], net)
+    assert set(shapes) == {(16, 20)} and sr.shape == (1, 1, 2, 32, 32)
+    cubic = grid_upsample(lr[None, None], (1, 2, 2), "cubic").clamp(0, 1)
+    torch.testing.assert_close(sr[..., :6, :], cubic[..., :6, :])  # outside the box: the upsampled measurement
+    torch.testing.assert_close(sr[..., 30:], cubic[..., 30:])
+    shapes.clear()
+    ScoreSRInferer(sampler="heun", num_steps=2, sigma_max=5.0, progress=False, crop_margin=None)(lr[None, None], net)
+    assert set(shapes) == {(32, 32)}
+
+
 def test_several_samples_give_mean_and_std():
     lr = _lr(_hr_volume(x=2))[None, None]
     inferer = ScoreSRInferer(sampler="heun", num_steps=2, sigma_max=5.0, num_samples=3, progress=False)
@@ -163,6 +201,16 @@ def test_several_samples_give_mean_and_std():
     assert split["pred"].shape == (1, 2, 16, 16) and split["pred_std"].shape == (1, 2, 16, 16)
     one = SplitMeanStdd()({"pred": out[0, :1]})
     assert "pred_std" not in one
+
+
+def test_slab_preprocessing(tmp_path):
+    vol = np.random.default_rng(0).uniform(50, 150, (20, 40, 36)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "hr.nii.gz"))
+    d = slab_preprocessing((1, 2, 2), (4, 16, 16))({"label": str(tmp_path / "hr.nii.gz")})
+    assert d["label"].shape == (1, 4, 16, 16) and d["image"].shape == (1, 4, 8, 8)
+    assert float(d["image"].max()) == 1.0
+    whole = slab_preprocessing((1, 2, 2))({"label": str(tmp_path / "hr.nii.gz")})
+    assert whole["image"].shape == (1, 20, 20, 18)
 
 
 def test_progress_lines(capsys):
