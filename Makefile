@@ -9,7 +9,7 @@ TORCH    := torch==2.14.1 torchvision==0.29.1
 # jemalloc makes CPU training/inference 1.4-2.5x faster on these VMs (../shared/spec/performance.md).
 JEMALLOC  = $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2))
 RUN       = LD_PRELOAD=$(JEMALLOC) $(BIN)/python
-DEMO_BUNDLE ?= brain_mri_interpolation_super_resolution
+DEMO_BUNDLE ?= brain_mri_edm25d_super_resolution
 DEMO_OUT    ?= outputs/demo
 
 # bash with pipefail, so filtering pip's noise below keeps pip's exit status
