@@ -213,6 +213,26 @@ def test_slab_preprocessing(tmp_path):
     assert whole["image"].shape == (1, 20, 20, 18)
 
 
+def test_thread_count_is_set_for_the_call_and_restored():
+    seen = []
+
+    def net(x, sigma):
+        seen.append(torch.get_num_threads())
+        return -x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lr = _lr(_hr_volume(x=1))[None, None]
+        ScoreSRInferer(sampler="heun", num_steps=2, sigma_max=5.0, progress=False, num_threads=1)(lr, net)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        ScoreSRInferer(sampler="heun", num_steps=2, sigma_max=5.0, progress=False, num_threads=None)(lr, net)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_progress_lines(capsys):
     lr = _lr(_hr_volume(x=2))[None, None]
     ScoreSRInferer(sampler="heun", num_steps=3, sigma_max=5.0, progress=True, empty_threshold=0.0)(
