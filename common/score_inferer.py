@@ -28,7 +28,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from common.diffusion.guidance import sample_heun_dps, sample_srmri, upsample_measurement
 from common.diffusion.samplers import get_sigmas_karras, make_noise
 from common.diffusion.vesde import get_sigmas_vesde
-from common.inferers import autocast_context, sample_mean_std
+from common.inferers import SplitMeanStdd, autocast_context, sample_mean_std  # SplitMeanStdd: re-exported
 from common.io import atomic_path
 from common.operators import DOWNSAMPLE_KERNELS, Downsample, LearnedOperator, fit_learned_operator
 
@@ -415,27 +415,6 @@ class ScoreSRInferer(Inferer):
         if self.sampler == "pc":
             return 2 * len(range(0, self.num_steps, self.skip))
         return self.num_steps * self.order - (1 if self.order == 2 else 0)
-
-
-class SplitMeanStdd:
-    """Split a 2-channel ``pred`` (mean, standard deviation of K samples) into ``pred`` and ``std_key``.
-
-    A 1-channel ``pred`` passes unchanged.
-
-    Args:
-        key: the prediction key.
-        std_key: where the standard deviation goes.
-    """
-
-    def __init__(self, key: str = "pred", std_key: str = "pred_std") -> None:
-        self.key, self.std_key = key, std_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        pred = d[self.key]
-        if pred.shape[0] == 2:
-            d[self.key], d[self.std_key] = pred[:1], pred[1:]
-        return d
 
 
 class SamplerStatsHandler:
