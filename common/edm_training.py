@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.transforms import Compose, MapTransform, Randomizable, Transform
@@ -35,7 +34,7 @@ from common.diffusion.edm import EDMPrecond, add_training_noise
 from common.inferers import to_signed
 from common.io import atomic_path
 from common.pipelines import SimulateLRd, central_slices
-from common.transforms import LoadVolumed, PercentileNormalized
+from common.transforms import LoadVolumed, PercentileNormalized, plain_tensor
 from common.upsample import GridUpsample
 
 __all__ = [
@@ -57,9 +56,6 @@ __all__ = [
 
 logger = logging.getLogger("common")
 
-
-def _plain(x: Any) -> Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 class UpsampleLRd(MapTransform):
@@ -90,7 +86,7 @@ class UpsampleLRd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         with torch.no_grad():
-            up = self.upsample(_plain(d[self.image_key])[None].float())[0]
+            up = self.upsample(plain_tensor(d[self.image_key])[None].float())[0]
         d[self.output_key] = up
         if self.label_key in d:
             d[self.label_key] = d[self.label_key][(slice(None),) + tuple(slice(0, s) for s in up.shape[1:])]
@@ -135,7 +131,7 @@ class SliceForegroundd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
-        d[self.output_key] = (_plain(d[self.key])[0] > self.threshold).float().flatten(1).mean(1)
+        d[self.output_key] = (plain_tensor(d[self.key])[0] > self.threshold).float().flatten(1).mean(1)
         return d
 
 
@@ -271,7 +267,7 @@ class RandSlicePatchd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict | list[dict]:
         d = dict(data)
-        hr, up = _plain(d[self.label_key])[0], _plain(d[self.cond_key])[0]
+        hr, up = plain_tensor(d[self.label_key])[0], plain_tensor(d[self.cond_key])[0]
         fraction = d.get(self.foreground_key)
         if fraction is None:
             fraction = (hr > self.threshold).float().flatten(1).mean(1)
@@ -324,8 +320,8 @@ class EDMPrepareBatch(PrepareBatch):
         self, batchdata: dict[str, Tensor], device: str | torch.device | None = None, non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor, tuple, dict]:
-        cond = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
-        x0 = _plain(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
+        cond = plain_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
+        x0 = plain_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
         if self.signed:
             cond, x0 = to_signed(cond), to_signed(x0)
         sigma = self.denoiser.sample_sigma(x0.shape[0], self.generator, x0.device)

@@ -41,6 +41,7 @@ __all__ = [
     "to_unit",
     "sample_mean_std",
     "SplitMeanStdd",
+    "SliceProgress",
     "EDMSliceInferer",
     "SAMPLER_NAMES",
 ]
@@ -204,15 +205,18 @@ class SplitMeanStdd(MapTransform):
         return d
 
 
-class _Progress:
-    """One line per slice batch (and sampler step when there are several): to stderr, or a tqdm bar."""
+class SliceProgress:
+    """A progress line per slice batch, and per sampler step at most every ``interval`` seconds (stderr)."""
 
-    def __init__(self, total: int, enabled: bool, label: str) -> None:
-        self.enabled, self.total, self.label = enabled, total, label
+    def __init__(self, total: int, enabled: bool, label: str, interval: float = 0.0) -> None:
+        self.total, self.enabled, self.label, self.interval = total, enabled, label, interval
         self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
 
     def step(self, i: int, n: int, sigma: float) -> None:
-        if self.enabled and n > 1:
+        now = time.perf_counter()
+        if self.enabled and n > 1 and (i == 0 or now - self.last >= self.interval):
+            self.last = now
             print(f"{self.label}: slices {self.done}/{self.total}, sampler step {i + 1}/{n} (σ = {sigma:.3g})",
                   file=sys.stderr, flush=True)
 
@@ -297,7 +301,7 @@ class EDMSliceInferer(Inferer):
         up = self.upsample(lr[None, None].float())[0, 0]
         return to_signed(slice_stack(up, self.offsets, axis=0))
 
-    def _sample_batch(self, denoiser: Callable, cond: Tensor, noise: Callable, progress: _Progress) -> Tensor:
+    def _sample_batch(self, denoiser: Callable, cond: Tensor, noise: Callable, progress: SliceProgress) -> Tensor:
         like = cond[:, :1]
 
         def callback(i: int, n: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
@@ -327,7 +331,7 @@ class EDMSliceInferer(Inferer):
             return out.float()
 
         n = cond_all.shape[0]
-        progress = _Progress(n, self.progress, label if self.num_samples == 1 else f"{label} sample {k + 1}")
+        progress = SliceProgress(n, self.progress, label if self.num_samples == 1 else f"{label} sample {k + 1}")
         out = torch.empty((n,) + tuple(cond_all.shape[2:]), dtype=torch.float32, device=lr.device)
         for start in range(0, n, self.slice_batch):
             cond = cond_all[start : start + self.slice_batch]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 from common.diffusion.guidance import sample_heun_dps, sample_srmri, upsample_measurement
 from common.diffusion.samplers import get_sigmas_karras, make_noise
 from common.diffusion.vesde import get_sigmas_vesde
-from common.inferers import SplitMeanStdd, autocast_context, sample_mean_std  # SplitMeanStdd: re-exported
+from common.inferers import SliceProgress, SplitMeanStdd, autocast_context, sample_mean_std  # SplitMeanStdd: re-exported
 from common.io import atomic_path
 from common.operators import DOWNSAMPLE_KERNELS, Downsample, LearnedOperator, fit_learned_operator
 
@@ -166,27 +165,6 @@ def slab_preprocessing(
         return chain
     crop = CenterSpatialCropd(keys="label", roi_size=[int(r) for r in roi_size], allow_missing_keys=True)
     return Compose([chain.transforms[0], crop, *chain.transforms[1:]])
-
-
-class _Progress:
-    """A progress line per slice batch, and per sampler step at most every ``interval`` seconds (stderr)."""
-
-    def __init__(self, total: int, enabled: bool, label: str, interval: float) -> None:
-        self.total, self.enabled, self.label, self.interval = total, enabled, label, interval
-        self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
-
-    def step(self, i: int, n: int, sigma: float) -> None:
-        now = time.perf_counter()
-        if self.enabled and n > 1 and (now - self.last >= self.interval or i == 0):
-            self.last = now
-            print(f"{self.label}: slices {self.done}/{self.total}, sampler step {i + 1}/{n} (σ = {sigma:.3g})",
-                  file=sys.stderr, flush=True)
-
-    def batch(self, count: int) -> None:
-        self.done += count
-        if self.enabled:
-            rate = (time.perf_counter() - self.t0) / max(self.done, 1)
-            print(f"{self.label}: slices {self.done}/{self.total} ({rate:.2f} s/slice)", file=sys.stderr, flush=True)
 
 
 class ScoreSRInferer(Inferer):
@@ -355,8 +333,8 @@ class ScoreSRInferer(Inferer):
             (n, 1, y_all.shape[2] * self.scale_factor[1], y_all.shape[3] * self.scale_factor[2])))
         out = full[:, 0].clamp(0, 1).clone()
         todo = torch.nonzero(y_all.flatten(1).amax(1) >= self.empty_threshold).flatten().tolist()
-        progress = _Progress(len(todo), self.progress, label if self.num_samples == 1 else f"{label} sample {k + 1}",
-                             self.progress_interval)
+        progress = SliceProgress(len(todo), self.progress, label if self.num_samples == 1 else f"{label} sample {k + 1}",
+                                 self.progress_interval)
 
         def callback(i: int, n_steps: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
             progress.step(i, n_steps, sigma)

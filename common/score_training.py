@@ -28,13 +28,12 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from monai.transforms import Compose, MapTransform, Randomizable
 from torch import Tensor, nn
 
 from common.diffusion.vesde import sample_sigma_vesde, sigma_max_rule
-from common.transforms import LoadVolumed, PercentileNormalized
+from common.transforms import LoadVolumed, PercentileNormalized, plain_tensor
 
 __all__ = [
     "hr_preprocessing",
@@ -50,9 +49,6 @@ __all__ = [
 
 logger = logging.getLogger("common")
 
-
-def _plain(x: Any) -> Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 def hr_preprocessing(
@@ -99,7 +95,7 @@ class ForegroundSlicesd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
-        hr = _plain(d[self.label_key])[0]
+        hr = plain_tensor(d[self.label_key])[0]
         fraction = (hr > self.threshold).float().flatten(1).mean(1)
         fg = torch.nonzero(fraction >= self.min_foreground)[:, 0]
         d[self.output_key] = fg if len(fg) else torch.arange(hr.shape[0])
@@ -166,7 +162,7 @@ class RandSliceCropd(Randomizable, MapTransform):
         return crop.float().contiguous()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict | list[dict]:
-        hr = _plain(data[self.label_key])[0]
+        hr = plain_tensor(data[self.label_key])[0]
         fg_slices = data.get(self.slices_key)
         if fg_slices is None:
             fg_slices = ForegroundSlicesd(self.threshold)(dict(data))["fg_slices"]
@@ -210,7 +206,7 @@ class VESDEPrepareBatch(PrepareBatch):
         self, batchdata: dict[str, Tensor], device: str | torch.device | None = None, non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor, tuple, dict]:
-        x0 = _plain(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
+        x0 = plain_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
         gen_device = self.generator.device if self.generator is not None else x0.device
         sigma = sample_sigma_vesde(x0.shape[0], self.sigma_min, self.sigma_max, self.eps, self.generator, gen_device)
         sigma = sigma.to(device=x0.device, dtype=x0.dtype)

@@ -15,6 +15,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
+from monai.utils import convert_to_tensor
 from scipy import ndimage
 
 from common.io import Volume, hr_affine, load_volume, nifti_stem, save_volume
@@ -27,6 +28,7 @@ __all__ = [
     "head_mask",
     "HeadMaskd",
     "volume_to_metatensor",
+    "plain_tensor",
     "LoadVolumed",
     "SaveSRd",
 ]
@@ -146,6 +148,11 @@ def volume_to_metatensor(vol: Volume) -> MetaTensor:
         "space": "RAS",
     }
     return MetaTensor(torch.from_numpy(vol.data)[None], meta=meta)
+
+
+def plain_tensor(x) -> torch.Tensor:
+    """The data of a MetaTensor, tensor or array as a plain tensor (batches and crops need no metadata)."""
+    return convert_to_tensor(x, track_meta=False)
 
 
 class LoadVolumed(MapTransform):

@@ -17,15 +17,12 @@ from collections.abc import Sequence
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 
 from common.data import RandPairedPatchd
+from common.transforms import plain_tensor
 
 __all__ = ["RandForegroundPairedPatchd"]
 
-
-def _plain(x) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 class RandForegroundPairedPatchd(RandPairedPatchd):
@@ -95,7 +92,7 @@ class RandForegroundPairedPatchd(RandPairedPatchd):
 
     def __call__(self, data):
         lr = data[self.lr_key]
-        self._lr = _plain(lr)[0]  # the first channel decides what is foreground
+        self._lr = plain_tensor(lr)[0]  # the first channel decides what is foreground
         try:
             out = super().__call__(data)
         finally:
@@ -103,5 +100,5 @@ class RandForegroundPairedPatchd(RandPairedPatchd):
         if self.keep_other_keys:
             return out
         keys = [self.lr_key, *self.hr_keys]
-        items = [{k: _plain(item[k]).contiguous() for k in keys} for item in (out if isinstance(out, list) else [out])]
+        items = [{k: plain_tensor(item[k]).contiguous() for k in keys} for item in (out if isinstance(out, list) else [out])]
         return items if isinstance(out, list) else items[0]
