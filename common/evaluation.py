@@ -107,10 +107,11 @@ def score_sr(
 
 
 def _item_units(item: dict) -> tuple[np.ndarray, np.ndarray]:
-    """SR prediction and LR input of a decollated item, back in the input's units."""
+    """SR prediction and LR input of a decollated item, back in the input's units (the unclipped LR if kept)."""
     image = item["image"]
     lo, hi = float(image.meta["norm_lo"]), float(image.meta["norm_hi"])
-    return invert_normalization(_plain(item["pred"]), lo, hi), invert_normalization(_plain(image), lo, hi)
+    lr = _plain(item["image_units"]) if "image_units" in item else invert_normalization(_plain(image), lo, hi)
+    return invert_normalization(_plain(item["pred"]), lo, hi), lr
 
 
 class SampleReportd:

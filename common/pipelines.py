@@ -21,14 +21,23 @@ class SimulateLRd(Transform):
     Args:
         scale_factor: HR/LR factor per RAS axis (for the default degradation).
         degradation: any array degradation of :mod:`common.degrade`.
+        units_key: also keep the simulated LR under this key (scoring needs it in its units when ``image`` is
+            then scaled and clipped, which cannot be inverted); None keeps no copy.
     """
 
-    def __init__(self, scale_factor: Sequence[int], degradation: Transform | None = None):
+    def __init__(self, scale_factor: Sequence[int], degradation: Transform | None = None,
+                 units_key: str | None = None):
         self.degradation = degradation if degradation is not None else BlockAverage(scale_factor)
         self.degrade = Degraded(keys="label", degradation=self.degradation, output_keys="image")
+        self.units_key = units_key
 
     def __call__(self, data):
-        return self.degrade(data) if "image" not in data and "label" in data else data
+        if "image" in data or "label" not in data:
+            return data
+        d = self.degrade(data)
+        if self.units_key is not None:
+            d[self.units_key] = d["image"].clone()
+        return d
 
 
 def central_slices(num_slices: int | None, axis: int = 0) -> Transform:
@@ -63,7 +72,7 @@ def inference_preprocessing(
         [
             LoadVolumed(keys=["image", "label"], min_shape=min_shape, allow_missing_keys=True),
             central_slices(num_slices),
-            SimulateLRd(scale_factor, degradation),
+            SimulateLRd(scale_factor, degradation, units_key="image_units" if clip else None),
             PercentileNormalized(keys="image", clip=clip),
         ]
     )
