@@ -116,7 +116,10 @@ def head_mask(volume, threshold: float = 0.1, closing: int = 2) -> np.ndarray:
     lo, hi = np.percentile(arr, [1, 99])
     mask = arr > lo + threshold * (hi - lo)
     if closing:
-        mask = ndimage.binary_closing(mask, iterations=closing, border_value=0)
+        # pad by replication: a head cut by the field of view (a neck, a slab crop) must not erode from the edge
+        pad = [(closing, closing)] * mask.ndim
+        mask = ndimage.binary_closing(np.pad(mask, pad, mode="edge"), iterations=closing, border_value=0)
+        mask = mask[tuple(slice(closing, -closing) for _ in range(mask.ndim))]
     mask = ndimage.binary_fill_holes(mask)
     labels, n = ndimage.label(mask)
     if n > 1:

@@ -47,6 +47,18 @@ def test_head_mask_finds_the_head():
     assert not mask[r > 0.8].any()
 
 
+@pytest.mark.parametrize("thickness", [1, 2, 5])
+def test_head_mask_of_a_slab_inside_the_head(thickness):
+    """A crop cut by the field of view (a thin slab of brain) is all head: no erosion from the crop's edges."""
+    rng = np.random.default_rng(0)
+    slab = rng.uniform(60, 100, (thickness, 32, 32))
+    slab[:, 10:14, 10:14] = 5.0  # a dark sulcus inside stays in the mask
+    assert head_mask(slab).all()
+    with_air = np.pad(slab, ((0, 0), (8, 8), (8, 8)))
+    mask = head_mask(with_air)
+    assert mask[:, 8:-8, 8:-8].all() and not mask[:, :4].any()
+
+
 def test_slice_stack_neighbours():
     vol = torch.arange(5, dtype=torch.float32)[:, None, None].expand(5, 3, 4)
     prev = slice_stack(vol, (-1, 0))
