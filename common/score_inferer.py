@@ -65,7 +65,8 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "pc": {"num_steps": 2000, "zeta": 0.28, "fusion": True, "zeta_scaling": "none"},
     "heun": {"num_steps": 16, "zeta": 16.0, "fusion": True, "zeta_scaling": "image"},
 }
-ZETA_REFERENCE_SIDE = 256  # "image" ζ scaling: ζ is given for a 256 x 256 HR slice
+ZETA_REFERENCE_SIDE = 256  # "image" ζ scaling: ζ is given for a 256 x 256 HR slice ...
+ZETA_REFERENCE_VOXELS = 4  # ... at x2 in-plane (one LR voxel averages 4 HR voxels)
 
 
 def make_operator(
@@ -183,10 +184,12 @@ class ScoreSRInferer(Inferer):
             "Come-Closer-Diffuse-Faster": the LR image already fixes the coarse content, so fewer steps suffice).
         rho: Karras grid exponent ("heun").
         zeta: DPS step size ζ; default per sampler (0.28 for "pc", the paper's; 16 per 256 x 256 slice for "heun").
-        zeta_scaling: "none" (ζ as given, the paper's convention) or "image" (ζ·sqrt(H·W)/256 for an H x W HR
-            slice). The plain-norm DPS step ``ζ·∇‖y − A(x̂0)‖`` moves a slice by about ``ζ/f`` in L2 norm whatever
-            its size, so the per-voxel step shrinks as 1/sqrt(H·W); "image" keeps it the same for every slice size.
-            Default per sampler ("none" for "pc", "image" for "heun").
+        zeta_scaling: "none" (ζ as given, the paper's convention) or "image" (ζ·sqrt(H·W)/256·sqrt(f_A·f_S)/2 for
+            an H x W HR slice and in-plane factors f_A, f_S). The plain-norm DPS step ``ζ·∇‖y − A(x̂0)‖`` moves a
+            slice by about ``ζ/sqrt(f_A·f_S)`` in L2 norm (A averages f_A·f_S voxels) whatever its size, so the
+            per-voxel step shrinks as 1/sqrt(H·W) and with the factor; "image" keeps it the same for every slice
+            size and factor, as given for a 256 x 256 slice at x2 (measured at x4 on dev03: ζ 32 = the scaled 16
+            beat 16 and 64). Default per sampler ("none" for "pc", "image" for "heun").
         skip: SRMRI skip step k ("pc"; 1 = pure DPS).
         snr: Langevin corrector signal-to-noise ratio ("pc").
         fusion: wavelet fusion ("pc": at skipped levels; "heun": after every step); default per sampler.
@@ -287,7 +290,9 @@ class ScoreSRInferer(Inferer):
     def step_size(self, hr_plane: Sequence[int]) -> float:
         """The DPS step ζ used on HR slices of shape ``hr_plane`` (see ``zeta_scaling``)."""
         if self.zeta_scaling == "image":
-            return self.zeta * math.sqrt(hr_plane[0] * hr_plane[1]) / ZETA_REFERENCE_SIDE
+            voxels_per_lr = self.scale_factor[1] * self.scale_factor[2]
+            return (self.zeta * math.sqrt(hr_plane[0] * hr_plane[1]) / ZETA_REFERENCE_SIDE
+                    * math.sqrt(voxels_per_lr / ZETA_REFERENCE_VOXELS))
         return self.zeta
 
     def sample_slices(self, score_fn: Callable, y: Tensor, noise: Callable, callback: Callable | None = None,

@@ -109,6 +109,10 @@ def test_dps_step_size_scaling():
     assert heun.zeta_scaling == "image"
     assert heun.step_size((256, 256)) == 16.0 and heun.step_size((128, 128)) == 8.0
     assert ScoreSRInferer(sampler="heun", zeta=4.0, zeta_scaling="none").step_size((128, 128)) == 4.0
+    # the step shrinks as 1/sqrt(voxels per LR voxel): x4 in-plane doubles ζ, [1, 1, 4] averages 4 voxels like x2
+    assert ScoreSRInferer(sampler="heun", zeta=16.0, scale_factor=(1, 4, 4)).step_size((256, 256)) == 32.0
+    assert ScoreSRInferer(sampler="heun", zeta=16.0, scale_factor=(1, 1, 4)).step_size((256, 256)) == 16.0
+    assert ScoreSRInferer(sampler="pc", scale_factor=(1, 4, 4)).step_size((256, 256)) == 0.28
     with pytest.raises(ValueError, match="zeta_scaling"):
         ScoreSRInferer(zeta_scaling="pixel")
 
