@@ -10,9 +10,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "bench", "data", "degrade", "diffusion", "edm_training", "engines", "evaluation", "export", "inferers",
-    "io", "metrics", "networks", "operators", "pipelines", "report", "score_inferer", "score_training", "tables",
-    "transforms", "upsample",
-    "volume_inferer", "volume_training", "windowed_denoiser",
+    "io", "metrics", "networks", "operators", "overrides", "pipelines", "report", "score_inferer", "score_training",
+    "tables", "transforms", "upsample", "volume_inferer", "volume_training", "windowed_denoiser",
 }
 
 

@@ -14,6 +14,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
 from common.io import VolumeError, check_nifti_header, list_nifti, nifti_stem
+from common.overrides import is_unset
 
 __all__ = [
     "EMBEDDED_SAMPLE",
@@ -48,7 +49,7 @@ def inference_datalist(dataset_dir: str | None, min_shape: Sequence[int] = (1, 1
     ``image`` by the bundle's preprocessing (and scored against it). Headers are checked up front, so a bad file
     stops the run before any output is written.
     """
-    if dataset_dir in (None, "", "None"):
+    if is_unset(dataset_dir):
         return [{"label": str(embedded_sample_path()), "embedded_sample": True}]
     files = list_nifti(dataset_dir)
     for path in files:
@@ -58,7 +59,7 @@ def inference_datalist(dataset_dir: str | None, min_shape: Sequence[int] = (1, 1
 
 def evaluation_datalist(dataset_dir: str | None) -> list[dict]:
     """Items for evaluation: every NIfTI in ``dataset_dir`` as an HR ``label`` (the embedded sample when None)."""
-    if dataset_dir in (None, "", "None"):
+    if is_unset(dataset_dir):
         return [{"label": str(embedded_sample_path())}]
     files = list_nifti(dataset_dir)
     for path in files:
@@ -123,7 +124,7 @@ def training_datalist(
     taken from ``dataset_dir``; items may give real LR/HR pairs (``image`` = LR, ``label`` = HR) and covariates.
     Without one, every NIfTI in ``dataset_dir`` is an HR ``label`` and ``num_val`` of them are held out.
     """
-    if datalist in (None, "", "None"):
+    if is_unset(datalist):
         return build_datalist(dataset_dir, key=key, num_val=num_val, seed=seed)
     path = Path(datalist)
     if not path.is_file():

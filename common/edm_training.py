@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from common.diffusion.edm import EDMPrecond, add_training_noise
 from common.inferers import to_signed
 from common.io import atomic_path
+from common.overrides import is_unset
 from common.pipelines import SimulateLRd, central_slices
 from common.transforms import LoadVolumed, PercentileNormalized, plain_tensor
 from common.upsample import GridUpsample
@@ -361,7 +362,7 @@ def latest_checkpoint(ckpt_dir: str | Path | None, pattern: str = "checkpoint*.p
         ckpt_dir: folder of checkpoints (may not exist).
         pattern: glob of the checkpoint files.
     """
-    if ckpt_dir in (None, "", "None") or not Path(ckpt_dir).is_dir():
+    if is_unset(ckpt_dir) or not Path(ckpt_dir).is_dir():
         return None
     files = [p for p in Path(ckpt_dir).glob(pattern) if p.is_file()]
     if not files:

@@ -43,6 +43,7 @@ from common.diffusion.vesde import get_sigmas_vesde
 from common.inferers import SliceProgress, SplitMeanStdd, autocast_context, sample_mean_std  # SplitMeanStdd: re-exported
 from common.io import atomic_path
 from common.operators import DOWNSAMPLE_KERNELS, Downsample, LearnedOperator, fit_learned_operator
+from common.overrides import is_unset, optional
 
 __all__ = [
     "OPERATORS",
@@ -85,7 +86,7 @@ def make_operator(
         return Downsample(factors, kind)
     if kind != "learned":
         raise ValueError(f"operator must be one of {OPERATORS}, got {kind!r}")
-    if weights in (None, "", "None") or not Path(weights).is_file():
+    if is_unset(weights) or not Path(weights).is_file():
         raise ValueError(f"the learned operator needs its fitted weights (operator_weights), got {weights!r}")
     op = LearnedOperator(factors, kernel)
     state = torch.load(str(weights), map_location="cpu", weights_only=True)
@@ -257,14 +258,15 @@ class ScoreSRInferer(Inferer):
         if self.zeta_scaling not in ("none", "image"):
             raise ValueError(f"zeta_scaling must be 'none' or 'image', got {zeta_scaling!r}")
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
-        self.sigma_start = None if sigma_start in (None, "", "None") else min(float(sigma_start), self.sigma_max)
+        self.sigma_start = optional(sigma_start, lambda s: min(float(s), self.sigma_max))
         self.skip, self.snr, self.order, self.s_churn = int(skip), float(snr), int(order), float(s_churn)
         self.fusion_levels, self.wavelet = int(fusion_levels), str(wavelet)
         self.slice_batch, self.num_samples, self.seed = int(slice_batch), int(num_samples), int(seed)
         self.amp, self.empty_threshold = bool(amp), float(empty_threshold)
-        self.crop_margin = None if crop_margin in (None, "", "None") else int(crop_margin)
+        self.crop_margin = optional(crop_margin, int)
         self.progress, self.progress_interval = bool(progress), float(progress_interval)
-        self.num_threads = int(num_threads) if num_threads not in (None, "", "None") and int(num_threads) > 0 else None
+        threads = optional(num_threads, int)
+        self.num_threads = threads if threads and threads > 0 else None  # 0 keeps torch's setting
         self.operator = make_operator(operator, self.scale_factor[1:], operator_weights)
         self.operator_name = operator
         self.last_stats: dict[str, Any] = {}

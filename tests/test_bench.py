@@ -1,0 +1,33 @@
+"""The benchmark command on a small synthetic volume with the interpolation bundle (no weights needed)."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from common import bench
+
+
+@pytest.fixture
+def hr_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = np.zeros((10, 24, 20), np.float32)
+    vol[2:8, 4:20, 4:16] = rng.uniform(50, 100, (6, 16, 12))
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "s1.nii.gz")
+    return tmp_path
+
+
+def test_parse_bundle_spec():
+    assert bench.parse_bundle_spec("b:mode=cubic,num_steps=4,scale_factor=[1,2,2]") == (
+        "b", {"mode": "cubic", "num_steps": 4, "scale_factor": [1, 2, 2]})
+
+
+@pytest.mark.parametrize("pad_to, shape", [(None, "10x24x20"), ((16, 16, 32), "16x24x32")])
+def test_run_rows(hr_folder, pad_to, shape):
+    files = sorted(hr_folder.glob("*.nii.gz"))
+    cubic, linear = bench.run(["brain_mri_interpolation_super_resolution:mode=cubic",
+                               "brain_mri_interpolation_super_resolution:mode=linear"], files, pad_to=pad_to)
+    assert cubic["shape"] == linear["shape"] == shape
+    assert cubic["delta_psnr_mask"] == pytest.approx(0.0, abs=1e-6)  # cubic is the baseline itself
+    assert linear["psnr"] != cubic["psnr"] and cubic["peak_rss_mb"] > 0
+    table = bench.format_table([cubic, linear])
+    assert table.count("\n") == 3 and "PSNR mask" in table
