@@ -57,13 +57,20 @@ def parse_bundle_spec(spec: str) -> tuple[str, dict]:
 
 
 def load_bundle(name: str, overrides: dict, bundles_dir: Path = REPO / "bundles") -> ConfigParser:
-    """Parse a bundle's inference config with overrides (as ``monai.bundle run`` would) and run its initialize."""
+    """Parse a bundle's inference config with overrides (as ``monai.bundle run`` would) and run its initialize.
+
+    The override ``config`` names extra config files of the bundle merged after ``inference.json`` (paths
+    relative to the bundle folder, ``;``-separated), e.g. ``config=configs/regression.json``.
+    """
     root = Path(name) if Path(name).is_dir() else bundles_dir / name
-    config = root / "configs" / "inference.json"
-    if not config.is_file():
-        raise SystemExit(f"error: {config}: no such bundle config")
+    overrides = dict(overrides)
+    configs = [root / "configs" / "inference.json"]
+    configs += [root / c for c in str(overrides.pop("config", "")).split(";") if c]
+    for config in configs:
+        if not config.is_file():
+            raise SystemExit(f"error: {config}: no such bundle config")
     parser = ConfigParser()
-    parser.read_config(str(config))
+    parser.read_config([str(c) for c in configs])
     parser["bundle_root"] = str(root)
     for key, value in overrides.items():
         parser[key] = value

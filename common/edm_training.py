@@ -53,10 +53,10 @@ __all__ = [
     "EngineCheckpointSaver",
     "FinalWeightsSaver",
     "checkpoint_to_weights",
+    "add_conditioning_channels",
 ]
 
 logger = logging.getLogger("common")
-
 
 
 class UpsampleLRd(MapTransform):
@@ -118,26 +118,37 @@ class CropHRToLRd(MapTransform):
 
 class SliceForegroundd(MapTransform):
     """Store, per slice along axis 0 of ``key`` (1, X, Y, Z), the fraction of voxels above ``threshold`` in
-    ``output_key`` (X,): computed once in the cached preprocessing, read by :class:`RandSlicePatchd`.
+    ``output_key`` (X,): computed once in the cached preprocessing, read by :class:`RandSlicePatchd`. With
+    ``axes`` other than ``(0,)`` it stores ``{axis: fractions}`` for each axis (slices drawn along several axes).
 
     Args:
         key: the HR volume.
         threshold: foreground threshold on the [0, 1] scale.
         output_key: where the fractions go.
+        axes: slice axes to compute the fractions for.
     """
 
-    def __init__(self, key: str = "label", threshold: float = 0.1, output_key: str = "slice_foreground") -> None:
+    def __init__(
+        self, key: str = "label", threshold: float = 0.1, output_key: str = "slice_foreground",
+        axes: Sequence[int] = (0,),
+    ) -> None:
         super().__init__([key])
         self.key, self.threshold, self.output_key = key, float(threshold), output_key
+        self.axes = tuple(int(a) for a in axes)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
-        d[self.output_key] = (plain_tensor(d[self.key])[0] > self.threshold).float().flatten(1).mean(1)
+        foreground = (plain_tensor(d[self.key])[0] > self.threshold).float()
+        fractions = {a: foreground.movedim(a, 0).flatten(1).mean(1) for a in self.axes}
+        d[self.output_key] = fractions[0] if self.axes == (0,) else fractions
         return d
 
 
 def training_preprocessing(
-    scale_factor: Sequence[int], degradation: Transform | None = None, upsample_mode: str = "cubic"
+    scale_factor: Sequence[int],
+    degradation: Transform | None = None,
+    upsample_mode: str = "cubic",
+    slice_axes: Sequence[int] = (0,),
 ) -> Compose:
     """The cached part of the training data path: load the HR ``label`` (RAS), simulate the LR ``image``, scale
     both with the LR's 1st/99th percentiles (as inference does, where only LR exists), upsample LR to ``image_up``,
@@ -147,6 +158,7 @@ def training_preprocessing(
         scale_factor: HR/LR factor per RAS axis.
         degradation: LR simulation (block averaging by ``scale_factor`` when None).
         upsample_mode: upsampling of the LR conditioning.
+        slice_axes: axes training slices are drawn along (foreground fractions are noted for each).
     """
     return Compose(
         [
@@ -154,7 +166,7 @@ def training_preprocessing(
             SimulateLRd(scale_factor, degradation),
             PercentileNormalized(keys=["image", "label"], ref_key="image"),
             UpsampleLRd(scale_factor, upsample_mode),
-            SliceForegroundd("label"),
+            SliceForegroundd("label", axes=slice_axes),
         ]
     )
 
@@ -243,7 +255,9 @@ class RandSlicePatchd(Randomizable, MapTransform):
         start -= start % f
         return start
 
-    def _one(self, hr: Tensor, up: Tensor, fg_slices: Tensor) -> tuple[Tensor, Tensor]:
+    def _draw(self, hr: Tensor, fg_slices: Tensor, extent: Sequence[int]) -> tuple[int, list[int], list[int]]:
+        """A slice i among ``fg_slices``, the indices of its conditioning slices, and the aligned in-plane start of
+        a crop inside ``extent`` (the in-plane size the crop may use)."""
         i = int(fg_slices[self.R.randint(len(fg_slices))])
         n = hr.shape[0]
         idx = [min(max(i + o, 0), n - 1) for o in self.offsets]
@@ -253,12 +267,13 @@ class RandSlicePatchd(Randomizable, MapTransform):
             if len(fg):
                 centre = fg[self.R.randint(len(fg))].tolist()
         starts = [
-            self._start(hr.shape[1 + a], self.patch_size[a], None if centre is None else centre[a],
-                        self.scale_factor[a])
+            self._start(extent[a], self.patch_size[a], None if centre is None else centre[a], self.scale_factor[a])
             for a in range(2)
         ]
-        sl = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
-        label, cond = hr[i][sl][None], up[idx][(slice(None),) + sl]
+        return i, idx, starts
+
+    def _pad(self, cond: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+        """Zero-pad crops of slices smaller than the patch; contiguous float outputs."""
         pad = []
         for a in (1, 0):  # F.pad lists the last axis first
             pad += [0, max(self.patch_size[a] - label.shape[1 + a], 0)]
@@ -266,10 +281,17 @@ class RandSlicePatchd(Randomizable, MapTransform):
             label, cond = torch.nn.functional.pad(label, pad), torch.nn.functional.pad(cond, pad)
         return cond.float().contiguous(), label.float().contiguous()
 
+    def _one(self, hr: Tensor, up: Tensor, fg_slices: Tensor) -> tuple[Tensor, Tensor]:
+        i, idx, starts = self._draw(hr, fg_slices, hr.shape[1:])
+        sl = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
+        return self._pad(up[idx][(slice(None),) + sl], hr[i][sl][None])
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict | list[dict]:
         d = dict(data)
         hr, up = plain_tensor(d[self.label_key])[0], plain_tensor(d[self.cond_key])[0]
         fraction = d.get(self.foreground_key)
+        if isinstance(fraction, Mapping):
+            fraction = fraction.get(0)
         if fraction is None:
             fraction = (hr > self.threshold).float().flatten(1).mean(1)
         fg_slices = torch.nonzero(fraction >= self.min_foreground)[:, 0]
@@ -388,6 +410,9 @@ class ResumeFromLatest:
         pattern: glob of the checkpoint files.
         map_location: ``torch.load`` map_location.
         engine_key: key of the attached engine in the checkpoint (None: do not restore the engine).
+        init_weights: weights file (a ``state_dict``, e.g. a bundle's ``models/model.pt``) to start the network
+            from when there is no checkpoint to resume: fine-tuning. Unset: start from the initialisation.
+        network_key: the network's entry in ``load_dict``.
     """
 
     def __init__(
@@ -397,7 +422,10 @@ class ResumeFromLatest:
         pattern: str = "checkpoint*.pt",
         map_location: Any = "cpu",
         engine_key: str | None = "trainer",
+        init_weights: str | Path | None = None,
+        network_key: str = "network",
     ) -> None:
+        self.init_weights, self.network_key = init_weights, network_key
         self.ckpt_dir, self.load_dict, self.pattern = ckpt_dir, dict(load_dict), pattern
         self.map_location = map_location
         self.engine_key = engine_key
@@ -411,7 +439,14 @@ class ResumeFromLatest:
     def __call__(self, engine: Engine) -> None:
         path = latest_checkpoint(self.ckpt_dir, self.pattern)
         if path is None:
-            logger.info("no checkpoint in %s: training from scratch", self.ckpt_dir)
+            if is_unset(self.init_weights):
+                logger.info("no checkpoint in %s: training from scratch", self.ckpt_dir)
+                return
+            if not Path(self.init_weights).is_file():
+                raise FileNotFoundError(f"init_weights {self.init_weights}: no such weights file")
+            state = torch.load(str(self.init_weights), map_location=self.map_location, weights_only=True)
+            _module(self.load_dict[self.network_key]).load_state_dict(state)
+            logger.info("no checkpoint in %s: fine-tuning from %s", self.ckpt_dir, self.init_weights)
             return
         CheckpointLoader(str(path), self.load_dict, name="common", map_location=self.map_location)(engine)
         self.loaded = path
@@ -476,6 +511,39 @@ def checkpoint_to_weights(ckpt_path: str | Path, out_path: str | Path, key: str 
     ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
     state = ckpt[key] if key in ckpt else ckpt
     state = {k: v.contiguous() for k, v in state.items()}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        torch.save(state, tmp)
+    return out_path
+
+
+def add_conditioning_channels(
+    weights_path: str | Path, out_path: str | Path, positions: Sequence[int], key: str = "model.conv_in.weight"
+) -> Path:
+    """Weights for a denoiser with more conditioning images, computing exactly what the old one computed.
+
+    Zero input filters are inserted into the first convolution at ``positions`` (indices in the new input
+    stack), so the new images start ignored and fine-tuning learns to use them; e.g. ``positions=[2]`` turns a
+    [previous, target, noisy] network into a [previous, target, next, noisy] one.
+
+    Args:
+        weights_path: the trained ``state_dict``.
+        out_path: destination (written atomically).
+        positions: input-channel indices of the new conditioning images, in the new layout.
+        key: the first convolution's weight in the ``state_dict``.
+    """
+    state = torch.load(str(weights_path), map_location="cpu", weights_only=True)
+    if key not in state:
+        raise KeyError(f"{weights_path}: no {key!r} in the weights")
+    old = state[key]
+    new_in = old.shape[1] + len(positions)
+    if any(not 0 <= p < new_in for p in positions) or len(set(positions)) != len(positions):
+        raise ValueError(f"positions {list(positions)} are not distinct indices < {new_in}")
+    kept = [i for i in range(new_in) if i not in set(positions)]
+    weight = old.new_zeros(old.shape[0], new_in, *old.shape[2:])
+    weight[:, kept] = old
+    state = {**state, key: weight.contiguous()}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:

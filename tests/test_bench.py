@@ -31,3 +31,12 @@ def test_run_rows(hr_folder, pad_to, shape):
     assert linear["psnr"] != cubic["psnr"] and cubic["peak_rss_mb"] > 0
     table = bench.format_table([cubic, linear])
     assert table.count("\n") == 3 and "PSNR mask" in table
+
+
+def test_extra_config_files(tmp_path):
+    """``config=`` merges a bundle's extra config after inference.json (the 2.5D regression baseline)."""
+    parser = bench.load_bundle("brain_mri_edm25d_super_resolution", {"config": "configs/regression.json",
+                                                                     "model_path": str(tmp_path / "w.pt")})
+    assert type(parser.get_parsed_content("network_def")).__name__ == "RegressionSR"
+    with pytest.raises(SystemExit, match="nope.json"):
+        bench.load_bundle("brain_mri_edm25d_super_resolution", {"config": "configs/nope.json"})

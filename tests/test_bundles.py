@@ -36,7 +36,12 @@ def _bundle_cli(*args: str, bundle: Path | None = None, timeout: int = 900, laun
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # the error lines too: a launcher's summary can push a worker's own message out of the tail
+    errors = [line for line in proc.stderr.splitlines()
+              if any(k in line for k in ("Error", "error:", "terminate", "Abort", "Exception"))][:30]
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\nerror lines:\n" + "\n".join(errors)
+    )
 
 
 def _overrides(bundle: Path, section: str = "inference") -> list[str]:

@@ -1,0 +1,148 @@
+"""Augmented 2.5D training patches: the LR conditioning is re-simulated from the augmented HR patch.
+
+Two training scans cannot show a network the range of contrasts and orientations users feed it (a skull-stripped
+contrast-enhanced scan puts brain tissue at 0.45–0.93 of the [p1, p99] range, an MPRAGE with scalp at 0.08–0.76).
+Augmenting the cached upsampled LR beside the HR would break the pair: block averaging does not commute with a
+gamma curve. :class:`RandResimulatedSlicePatchd` therefore draws the HR slice stack with a margin, augments it
+(slice axis, in-plane flips, gamma and contrast stretch, zeroed background), then degrades it with the bundle's LR simulation and
+upsamples it exactly as inference does, and only then crops the margin away. With no augmentation it returns
+the same patches as :class:`common.edm_training.RandSlicePatchd` on the cached path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.transforms import Transform
+from torch import Tensor
+
+from common.degrade import BlockAverage
+from common.edm_training import RandSlicePatchd
+from common.transforms import plain_tensor
+from common.upsample import GridUpsample
+
+__all__ = ["RandResimulatedSlicePatchd"]
+
+
+class RandResimulatedSlicePatchd(RandSlicePatchd):
+    """A random slice patch of the HR ``label`` with its LR conditioning stack simulated after augmentation.
+
+    Per patch: a slice axis from ``slice_axes`` (the volume is viewed with that axis first; ``0`` = sagittal as
+    inference), a foreground slice and an aligned crop as :class:`common.edm_training.RandSlicePatchd`, the HR
+    slices at ``offsets`` taken with ``margin`` LR voxels of context; then, with probability ``prob``, in-plane
+    flips and the intensity map ``clip(stretch · x^gamma, 0, 1)`` (log-uniform gamma, uniform stretch), and,
+    with probability ``background_prob`` among those patches, a zeroed background; then LR = ``degradation`` of
+    each slice, upsampled with ``upsample_mode`` on the HR grid, and the margin cropped.
+
+    Args:
+        patch_size: in-plane crop size (h, w); multiples of the in-plane factors.
+        offsets: neighbour offsets of the conditioning slices.
+        scale_factor: HR/LR factors (fx, fy, fz) or in-plane (fy, fz); only the in-plane ones are used.
+        degradation: LR simulation of a (1, slices, h, w) volume (block averaging by (1, fy, fz) when None).
+        upsample_mode: upsampling of the LR conditioning (cubic, as inference).
+        slice_axes: axes of the HR volume a slice may be drawn along (all three multiply the anatomy seen).
+        prob: probability of augmenting a patch (flips and intensity); 0 turns augmentation off.
+        gamma_range: range of the gamma exponent (log-uniform).
+        stretch_range: range of the contrast stretch factor (uniform), applied after gamma, then clipped.
+        background_prob: probability of zeroing the HR blocks whose mean is below a threshold drawn from
+            ``background_range`` (after the intensity map): a skull-stripped or masked scan's background, where
+            an LR voxel of exactly 0 means HR voxels of exactly 0. Without it the network, trained on scans with
+            a noise floor, paints a faint offset into such backgrounds.
+        background_range: range of that threshold on the [0, 1] scale.
+        margin: LR voxels of context on each side (>= the upsampling kernel's radius keeps crops exact).
+        kwargs: the other :class:`common.edm_training.RandSlicePatchd` arguments.
+    """
+
+    def __init__(
+        self,
+        patch_size: Sequence[int],
+        offsets: Sequence[int] = (-1, 0),
+        scale_factor: Sequence[int] = (2, 2),
+        degradation: Transform | None = None,
+        upsample_mode: str = "cubic",
+        slice_axes: Sequence[int] = (0,),
+        prob: float = 0.0,
+        gamma_range: Sequence[float] = (1.0, 1.0),
+        stretch_range: Sequence[float] = (1.0, 1.0),
+        background_prob: float = 0.0,
+        background_range: Sequence[float] = (0.0, 0.1),
+        margin: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(patch_size, offsets, scale_factor, **kwargs)
+        fy, fz = self.scale_factor
+        self.degradation = degradation if degradation is not None else BlockAverage((1, fy, fz))
+        self.upsample = GridUpsample((fy, fz), upsample_mode)
+        self.slice_axes = tuple(int(a) for a in slice_axes)
+        if not self.slice_axes or any(a not in (0, 1, 2) for a in self.slice_axes):
+            raise ValueError(f"slice_axes must be a non-empty subset of (0, 1, 2), got {slice_axes}")
+        self.prob, self.margin = float(prob), int(margin)
+        self.background_prob = float(background_prob)
+        self.background_range = tuple(float(t) for t in background_range)
+        self.gamma_range = tuple(float(g) for g in gamma_range)
+        self.stretch_range = tuple(float(s) for s in stretch_range)
+        if min(self.gamma_range) <= 0 or min(self.stretch_range) <= 0:
+            raise ValueError(f"gamma_range and stretch_range must be positive, got {gamma_range}, {stretch_range}")
+
+    def _augment(self, stack: Tensor) -> tuple[Tensor, list[bool]]:
+        """Random in-plane flips and intensity map of an HR stack (C, h, w) in [0, 1]; returns the flips made."""
+        flips = [bool(self.R.rand() < 0.5) for _ in range(2)]
+        for a, flip in enumerate(flips):
+            if flip:
+                stack = stack.flip(1 + a)
+        gamma = math.exp(self.R.uniform(*(math.log(g) for g in self.gamma_range)))
+        stretch = self.R.uniform(*self.stretch_range)
+        stack = (stack.clamp(0, 1) ** gamma * stretch).clamp(0, 1)
+        if self.background_prob > 0 and self.R.rand() < self.background_prob:
+            threshold = self.R.uniform(*self.background_range)
+            f = self.scale_factor
+            keep = torch.nn.functional.avg_pool2d(stack[None], f)[0] > threshold
+            stack = stack * keep.repeat_interleave(f[0], 1).repeat_interleave(f[1], 2)
+        return stack, flips
+
+    def _region(self, start: int, patch: int, size: int, f: int) -> tuple[int, int]:
+        """HR index range of a crop with ``margin`` LR voxels each side, inside the volume, on the block grid."""
+        lo = max(start - self.margin * f, 0)
+        hi = min(start + patch + self.margin * f, size - size % f)
+        return lo, hi
+
+    def _one_resimulated(self, hr: Tensor, fg_slices: Tensor) -> tuple[Tensor, Tensor]:
+        # the usable in-plane extent: whole LR voxels only, as the degradation crops
+        usable = [hr.shape[1 + a] - hr.shape[1 + a] % self.scale_factor[a] for a in range(2)]
+        i, idx, starts = self._draw(hr, fg_slices, usable)
+        regions = [self._region(starts[a], self.patch_size[a], hr.shape[1 + a], self.scale_factor[a]) for a in range(2)]
+        # the conditioning slices, then the target slice last
+        stack = hr[idx + [i]][:, regions[0][0] : regions[0][1], regions[1][0] : regions[1][1]].float()
+        inner = [starts[a] - regions[a][0] for a in range(2)]
+        extent = [min(self.patch_size[a], stack.shape[1 + a] - inner[a]) for a in range(2)]
+        if self.prob > 0 and self.R.rand() < self.prob:
+            stack, flips = self._augment(stack)
+            # a flip mirrors the crop inside its region (region and crop lengths are whole LR voxels)
+            inner = [stack.shape[1 + a] - inner[a] - extent[a] if flips[a] else inner[a] for a in range(2)]
+        with torch.no_grad():
+            cond = self.upsample(self.degradation(stack[:-1][None]))[0]
+        sl = tuple(slice(s, s + e) for s, e in zip(inner, extent))
+        label, cond = stack[-1][sl][None], cond[(slice(None),) + sl]
+        return self._pad(cond, label)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict | list[dict]:
+        d = dict(data)
+        volume = plain_tensor(d[self.label_key])[0]
+        fractions = d.get(self.foreground_key)
+        out = []
+        for _ in range(self.num_samples):
+            axes = self.slice_axes
+            axis = axes[self.R.randint(len(axes))] if len(axes) > 1 else axes[0]
+            hr = volume.movedim(axis, 0)
+            fraction = fractions.get(axis) if isinstance(fractions, Mapping) else fractions if axis == 0 else None
+            if fraction is None or len(fraction) != hr.shape[0]:
+                fraction = (hr > self.threshold).float().flatten(1).mean(1)
+            fg_slices = torch.nonzero(fraction >= self.min_foreground)[:, 0]
+            if len(fg_slices) == 0:
+                fg_slices = torch.arange(hr.shape[0])
+            cond, label = self._one_resimulated(hr, fg_slices)
+            out.append({self.output_cond_key: cond, self.label_key: label})
+        return out if self.num_samples > 1 else out[0]
