@@ -31,6 +31,7 @@ from monai.transforms import Compose, MapTransform, Randomizable, Transform
 from torch import Tensor, nn
 
 from common.diffusion.edm import EDMPrecond, add_training_noise
+from common.engines import load_state
 from common.inferers import to_signed
 from common.io import atomic_path
 from common.overrides import is_unset
@@ -46,6 +47,7 @@ __all__ = [
     "validation_preprocessing",
     "RandSlicePatchd",
     "repeat_dataset",
+    "batch_pair",
     "EDMPrepareBatch",
     "GradientClipping",
     "latest_checkpoint",
@@ -286,17 +288,20 @@ class RandSlicePatchd(Randomizable, MapTransform):
         sl = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
         return self._pad(up[idx][(slice(None),) + sl], hr[i][sl][None])
 
+    def _foreground_slices(self, hr: Tensor, fractions: Any, axis: int = 0) -> Tensor:
+        """Indices of the slices of ``hr`` (slice axis first, viewed along volume ``axis``) with at least
+        ``min_foreground`` foreground; all slices when none qualifies. ``fractions``: the cached
+        :class:`SliceForegroundd` output (a tensor for axis 0 or ``{axis: tensor}``), computed here when absent."""
+        fraction = fractions.get(axis) if isinstance(fractions, Mapping) else fractions if axis == 0 else None
+        if fraction is None or len(fraction) != hr.shape[0]:
+            fraction = (hr > self.threshold).float().flatten(1).mean(1)
+        fg_slices = torch.nonzero(fraction >= self.min_foreground)[:, 0]
+        return fg_slices if len(fg_slices) else torch.arange(hr.shape[0])
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict | list[dict]:
         d = dict(data)
         hr, up = plain_tensor(d[self.label_key])[0], plain_tensor(d[self.cond_key])[0]
-        fraction = d.get(self.foreground_key)
-        if isinstance(fraction, Mapping):
-            fraction = fraction.get(0)
-        if fraction is None:
-            fraction = (hr > self.threshold).float().flatten(1).mean(1)
-        fg_slices = torch.nonzero(fraction >= self.min_foreground)[:, 0]
-        if len(fg_slices) == 0:
-            fg_slices = torch.arange(hr.shape[0])
+        fg_slices = self._foreground_slices(hr, d.get(self.foreground_key))
         out = []
         for _ in range(self.num_samples):
             cond, label = self._one(hr, up, fg_slices)
@@ -311,6 +316,17 @@ def repeat_dataset(dataset: torch.utils.data.Dataset, length: int) -> torch.util
     if n == 0:
         raise ValueError("empty training dataset")
     return torch.utils.data.Subset(dataset, [i % n for i in range(int(length))])
+
+
+def batch_pair(
+    batchdata: Mapping[str, Any], image_key: str, label_key: str, signed: bool = True,
+    device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """The conditioning and HR images of a batch as float tensors on ``device``, mapped from [0, 1] to [-1, 1]
+    when ``signed``: what every prepare_batch of the SR trainers starts from."""
+    cond = plain_tensor(batchdata[image_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
+    hr = plain_tensor(batchdata[label_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
+    return (to_signed(cond), to_signed(hr)) if signed else (cond, hr)
 
 
 class EDMPrepareBatch(PrepareBatch):
@@ -343,10 +359,7 @@ class EDMPrepareBatch(PrepareBatch):
         self, batchdata: dict[str, Tensor], device: str | torch.device | None = None, non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor, tuple, dict]:
-        cond = plain_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
-        x0 = plain_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
-        if self.signed:
-            cond, x0 = to_signed(cond), to_signed(x0)
+        cond, x0 = batch_pair(batchdata, self.image_key, self.label_key, self.signed, device, non_blocking, **kwargs)
         sigma = self.denoiser.sample_sigma(x0.shape[0], self.generator, x0.device)
         x_noisy = add_training_noise(x0, sigma, self.denoiser.sigma_offset, self.generator)
         c_skip, c_out, _, _ = self.denoiser.get_scalings(sigma)
@@ -444,8 +457,7 @@ class ResumeFromLatest:
                 return
             if not Path(self.init_weights).is_file():
                 raise FileNotFoundError(f"init_weights {self.init_weights}: no such weights file")
-            state = torch.load(str(self.init_weights), map_location=self.map_location, weights_only=True)
-            _module(self.load_dict[self.network_key]).load_state_dict(state)
+            load_state(_module(self.load_dict[self.network_key]), self.init_weights, self.map_location)
             logger.info("no checkpoint in %s: fine-tuning from %s", self.ckpt_dir, self.init_weights)
             return
         CheckpointLoader(str(path), self.load_dict, name="common", map_location=self.map_location)(engine)

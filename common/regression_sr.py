@@ -16,8 +16,7 @@ import torch
 from monai.engines.utils import PrepareBatch
 from torch import Tensor, nn
 
-from common.inferers import to_signed
-from common.transforms import plain_tensor
+from common.edm_training import batch_pair
 
 __all__ = ["RegressionSR", "RegressionPrepareBatch"]
 
@@ -71,8 +70,5 @@ class RegressionPrepareBatch(PrepareBatch):
         self, batchdata: dict[str, Tensor], device: str | torch.device | None = None, non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor, tuple, dict]:
-        cond = plain_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
-        hr = plain_tensor(batchdata[self.label_key]).to(device=device, non_blocking=non_blocking, **kwargs).float()
-        if self.signed:
-            cond, hr = to_signed(cond), to_signed(hr)
+        cond, hr = batch_pair(batchdata, self.image_key, self.label_key, self.signed, device, non_blocking, **kwargs)
         return cond, hr, (), {}

@@ -1,11 +1,11 @@
 """Augmented 2.5D training patches: the LR conditioning is re-simulated from the augmented HR patch.
 
 Two training scans cannot show a network the range of contrasts and orientations users feed it (a skull-stripped
-contrast-enhanced scan puts brain tissue at 0.45–0.93 of the [p1, p99] range, an MPRAGE with scalp at 0.08–0.76).
+contrast-enhanced scan puts brain tissue much higher on the [p1, p99] scale than an MPRAGE with scalp does).
 Augmenting the cached upsampled LR beside the HR would break the pair: block averaging does not commute with a
 gamma curve. :class:`RandResimulatedSlicePatchd` therefore draws the HR slice stack with a margin, augments it
-(slice axis, in-plane flips, gamma and contrast stretch, zeroed background), then degrades it with the bundle's LR simulation and
-upsamples it exactly as inference does, and only then crops the margin away. With no augmentation it returns
+(slice axis, in-plane flips, gamma and contrast stretch, zeroed background), then degrades it with the
+bundle's LR simulation and upsamples it exactly as inference does, and only then crops the margin away. With no augmentation it returns
 the same patches as :class:`common.edm_training.RandSlicePatchd` on the cached path.
 """
 
@@ -137,12 +137,6 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
             axes = self.slice_axes
             axis = axes[self.R.randint(len(axes))] if len(axes) > 1 else axes[0]
             hr = volume.movedim(axis, 0)
-            fraction = fractions.get(axis) if isinstance(fractions, Mapping) else fractions if axis == 0 else None
-            if fraction is None or len(fraction) != hr.shape[0]:
-                fraction = (hr > self.threshold).float().flatten(1).mean(1)
-            fg_slices = torch.nonzero(fraction >= self.min_foreground)[:, 0]
-            if len(fg_slices) == 0:
-                fg_slices = torch.arange(hr.shape[0])
-            cond, label = self._one_resimulated(hr, fg_slices)
+            cond, label = self._one_resimulated(hr, self._foreground_slices(hr, fractions, axis))
             out.append({self.output_cond_key: cond, self.label_key: label})
         return out if self.num_samples > 1 else out[0]
