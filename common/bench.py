@@ -8,7 +8,9 @@ Each bundle runs through its own inference config (its ``network`` and ``inferer
 what users run. A ``:key=value,key=value`` suffix overrides config ids. Quality comes from the one metric path
 (:func:`common.evaluation.score_sr`): PSNR/SSIM on the HR's [0, 1] scale over non-empty slices and inside the head
 mask, with the gain over grid-aligned bicubic of the same LR input. Time is the inferer call alone; memory is the
-process's peak resident set during it (Linux VmHWM, reset before each volume).
+process's peak resident set during it (Linux VmHWM, reset before each volume). ``--edge`` splits the head-mask
+gain into the mask's boundary band (voxels within ``edge_width`` of the outside: where a skull-stripped brain
+meets its zero background) and the interior.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.transforms import SpatialPad
+from scipy import ndimage
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import degrade
+from common import degrade, metrics
 from common.evaluation import score_sr
 from common.io import list_nifti, load_volume, nifti_stem
 from common.transforms import PercentileNormalize, invert_normalization
 
-__all__ = ["DEGRADATIONS", "parse_bundle_spec", "load_bundle", "peak_rss_reset", "peak_rss_mb", "run", "main"]
+__all__ = [
+    "DEGRADATIONS", "parse_bundle_spec", "load_bundle", "peak_rss_reset", "peak_rss_mb", "run", "edge_gains",
+    "format_table", "main",
+]
 
 DEGRADATIONS = {
     "block": degrade.BlockAverage,
@@ -122,9 +128,11 @@ def run(
     slices: int | None = None,
     count_flops: bool = False,
     pad_to: Sequence[int] | None = None,
+    edge_width: float | None = None,
 ) -> list[dict]:
     """Benchmark rows, one per bundle (means over the volumes); ``pad_to`` zero-pads each HR volume, centred, to at
-    least that shape (e.g. 256³ for speed and memory at a fixed size)."""
+    least that shape (e.g. 256³ for speed and memory at a fixed size); ``edge_width`` (voxels) adds the gains over
+    bicubic in the head mask's boundary band and interior (:func:`edge_gains`)."""
     rows = []
     for spec in bundles:
         name, overrides = parse_bundle_spec(spec)
@@ -159,6 +167,8 @@ def run(
                     "shape": "x".join(str(s) for s in sr.shape[-3:]),
                 }
             )
+            if edge_width:
+                per_volume[-1].update(edge_gains(scored.volumes, scored.mask, edge_width))
         row = {"bundle": spec, "volumes": len(per_volume), "shape": per_volume[0]["shape"]}
         for key in per_volume[0]:
             if key != "shape":
@@ -169,6 +179,18 @@ def run(
     return rows
 
 
+def edge_gains(volumes: dict, mask: np.ndarray, width: float) -> dict:
+    """PSNR gains of ``volumes["SR"]`` over ``volumes["bicubic"]`` (both against ``volumes["HR"]``, [0, 1] scale) in
+    the band of ``mask`` within ``width`` voxels of its outside and in the rest of the mask."""
+    depth = ndimage.distance_transform_edt(mask)
+    out = {}
+    for name, region in (("edge", mask & (depth <= width)), ("inner", depth > width)):
+        if region.any():
+            sr, bic = (metrics.psnr(volumes[k], volumes["HR"], mask=region) for k in ("SR", "bicubic"))
+            out[f"delta_psnr_{name}"] = sr - bic
+    return out
+
+
 COLUMNS = [
     ("bundle", "bundle", "{}"), ("shape", "SR shape", "{}"), ("psnr", "PSNR", "{:.2f}"), ("ssim2d", "SSIM", "{:.4f}"),
     ("psnr_mask", "PSNR mask", "{:.2f}"), ("ssim2d_mask", "SSIM mask", "{:.4f}"),
@@ -176,14 +198,16 @@ COLUMNS = [
     ("s_per_volume", "s/volume", "{:.2f}"), ("s_per_slice", "s/slice", "{:.4f}"),
     ("gflop_per_s", "GFLOP/s", "{:.1f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}"),
 ]
+EDGE_COLUMNS = [("delta_psnr_edge", "Δ PSNR edge", "{:+.2f}"), ("delta_psnr_inner", "Δ PSNR interior", "{:+.2f}")]
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of benchmark rows."""
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """Markdown table of benchmark rows (with the edge/interior columns when a row has them)."""
+    columns = COLUMNS + ([c for c in EDGE_COLUMNS if any(c[0] in r for r in rows)])
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = row.get(key)
             cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
@@ -202,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="zero-pad each HR volume (centred) to at least this RAS shape, e.g. 256 256 256")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--flops", action="store_true", help="count FLOPs (one extra pass) to report GFLOP/s")
+    ap.add_argument("--edge", type=float, default=None, metavar="WIDTH",
+                    help="also report the gain in the head mask's boundary band of this width (voxels) and inside it")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -212,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         missing = set(args.subjects) - {nifti_stem(f) for f in files}
         if missing:
             raise SystemExit(f"error: {args.data}: subjects not found: {sorted(missing)}")
-    rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to)
+    rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to, args.edge)
     print(f"degradation: {args.degradation} x{args.scale}; slices: {args.slices or 'all'}; "
           f"padded to: {args.pad_to or 'no'}; "
           f"volumes: {', '.join(nifti_stem(f) for f in files)}; torch threads: {torch.get_num_threads()}")

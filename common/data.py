@@ -23,6 +23,7 @@ __all__ = [
     "evaluation_datalist",
     "build_datalist",
     "training_datalist",
+    "with_downscaled_copies",
     "slice_stack",
     "RandPairedPatchd",
 ]
@@ -149,6 +150,25 @@ def training_datalist(
     if not out["training"]:
         raise VolumeError(path, "no 'training' items")
     return out
+
+
+def with_downscaled_copies(split: dict[str, list[dict]], factors: Sequence[int] = ()) -> dict[str, list[dict]]:
+    """``split`` with, per factor ``f``, a copy of every training item marked ``"downscale": f`` (validation
+    untouched): :class:`common.edm_training.BlockDownscaled` block-averages such an item's HR by ``f`` along every
+    axis, a cleaner image at a coarser voxel (block averaging ``f³`` voxels divides white noise by ``f^1.5``).
+
+    Args:
+        split: ``{"training": [...], "validation": [...]}``.
+        factors: integer factors > 1; empty returns ``split`` unchanged.
+    """
+    factors = [int(f) for f in factors]
+    if any(f < 2 for f in factors):
+        raise ValueError(f"downscale factors must be integers >= 2, got {factors}")
+    copies = [
+        {**item, "downscale": f, "subject": f"{item.get('subject', '')}_down{f}"}
+        for f in factors for item in split["training"]
+    ]
+    return {**split, "training": list(split["training"]) + copies}
 
 
 def slice_stack(volume: torch.Tensor, offsets: Sequence[int] = (-1, 0), axis: int = 0) -> torch.Tensor:

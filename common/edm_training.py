@@ -25,24 +25,27 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.config import KeysCollection
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.transforms import Compose, MapTransform, Randomizable, Transform
 from torch import Tensor, nn
 
+from common.degrade import BlockAverage
 from common.diffusion.edm import EDMPrecond, add_training_noise
 from common.engines import load_state
 from common.inferers import to_signed
 from common.io import atomic_path
 from common.overrides import is_unset
 from common.pipelines import SimulateLRd, central_slices
-from common.transforms import LoadVolumed, PercentileNormalized, plain_tensor
+from common.transforms import HeadDepthd, LoadVolumed, PercentileNormalized, plain_tensor
 from common.upsample import GridUpsample
 
 __all__ = [
     "CropHRToLRd",
     "UpsampleLRd",
     "SliceForegroundd",
+    "BlockDownscaled",
     "training_preprocessing",
     "validation_preprocessing",
     "RandSlicePatchd",
@@ -146,31 +149,57 @@ class SliceForegroundd(MapTransform):
         return d
 
 
+class BlockDownscaled(MapTransform):
+    """Block-average ``keys`` by the item's integer ``factor_key`` (e.g. 2) along every axis, geometry included;
+    items without it pass unchanged (:func:`common.data.with_downscaled_copies` marks the copies).
+
+    Args:
+        keys: the HR volume(s).
+        factor_key: key of the factor in the item.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", factor_key: str = "downscale") -> None:
+        super().__init__(keys)
+        self.factor_key = factor_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        factor = int(d.get(self.factor_key, 1))
+        if factor > 1:
+            for key in self.key_iterator(d):
+                d[key] = BlockAverage(factor)(d[key])
+        return d
+
+
 def training_preprocessing(
     scale_factor: Sequence[int],
     degradation: Transform | None = None,
     upsample_mode: str = "cubic",
     slice_axes: Sequence[int] = (0,),
+    head_depth: bool = False,
 ) -> Compose:
     """The cached part of the training data path: load the HR ``label`` (RAS), simulate the LR ``image``, scale
     both with the LR's 1st/99th percentiles (as inference does, where only LR exists), upsample LR to ``image_up``,
-    and note each sagittal slice's foreground fraction (``slice_foreground``).
+    and note each sagittal slice's foreground fraction (``slice_foreground``). Items marked ``downscale``
+    (:func:`common.data.with_downscaled_copies`) are block-averaged first.
 
     Args:
         scale_factor: HR/LR factor per RAS axis.
         degradation: LR simulation (block averaging by ``scale_factor`` when None).
         upsample_mode: upsampling of the LR conditioning.
         slice_axes: axes training slices are drawn along (foreground fractions are noted for each).
+        head_depth: also store the HR's depth inside the head (``head_depth``, :class:`common.transforms.HeadDepthd`)
+            for the skull-strip augmentation.
     """
-    return Compose(
-        [
-            LoadVolumed(keys="label"),
-            SimulateLRd(scale_factor, degradation),
-            PercentileNormalized(keys=["image", "label"], ref_key="image"),
-            UpsampleLRd(scale_factor, upsample_mode),
-            SliceForegroundd("label", axes=slice_axes),
-        ]
-    )
+    transforms = [
+        LoadVolumed(keys="label"),
+        BlockDownscaled("label"),
+        SimulateLRd(scale_factor, degradation),
+        PercentileNormalized(keys=["image", "label"], ref_key="image"),
+        UpsampleLRd(scale_factor, upsample_mode),
+        SliceForegroundd("label", axes=slice_axes),
+    ]
+    return Compose(transforms + ([HeadDepthd("label")] if head_depth else []))
 
 
 def validation_preprocessing(

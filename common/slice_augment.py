@@ -4,9 +4,10 @@ Two training scans cannot show a network the range of contrasts and orientations
 contrast-enhanced scan puts brain tissue much higher on the [p1, p99] scale than an MPRAGE with scalp does).
 Augmenting the cached upsampled LR beside the HR would break the pair: block averaging does not commute with a
 gamma curve. :class:`RandResimulatedSlicePatchd` therefore draws the HR slice stack with a margin, augments it
-(slice axis, in-plane flips, gamma and contrast stretch, zeroed background), then degrades it with the
-bundle's LR simulation and upsamples it exactly as inference does, and only then crops the margin away. With no augmentation it returns
-the same patches as :class:`common.edm_training.RandSlicePatchd` on the cached path.
+(slice axis, in-plane flips, gamma and contrast stretch, zeroed background, stripped scalp and skull), then
+degrades it with the bundle's LR simulation and upsamples it exactly as inference does, and only then crops the
+margin away. With no augmentation it returns the same patches as :class:`common.edm_training.RandSlicePatchd` on
+the cached path.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
 
     Per patch: a slice axis from ``slice_axes`` (the volume is viewed with that axis first; ``0`` = sagittal as
     inference), a foreground slice and an aligned crop as :class:`common.edm_training.RandSlicePatchd`, the HR
-    slices at ``offsets`` taken with ``margin`` LR voxels of context; then, with probability ``prob``, in-plane
-    flips and the intensity map ``clip(stretch · x^gamma, 0, 1)`` (log-uniform gamma, uniform stretch), and,
-    with probability ``background_prob`` among those patches, a zeroed background; then LR = ``degradation`` of
-    each slice, upsampled with ``upsample_mode`` on the HR grid, and the margin cropped.
+    slices at ``offsets`` taken with ``margin`` LR voxels of context; with probability ``strip_prob``, the voxels
+    less than a depth drawn from ``strip_depth_range`` inside the head zeroed (a skull-stripped scan); then, with
+    probability ``prob``, in-plane flips and the intensity map ``clip(stretch · x^gamma, 0, 1)`` (log-uniform
+    gamma, uniform stretch), and, with probability ``background_prob`` among those patches, a zeroed background;
+    then LR = ``degradation`` of each slice, upsampled with ``upsample_mode`` on the HR grid, and the margin
+    cropped.
 
     Args:
         patch_size: in-plane crop size (h, w); multiples of the in-plane factors.
@@ -52,6 +55,12 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
             an LR voxel of exactly 0 means HR voxels of exactly 0. Without it the network, trained on scans with
             a noise floor, paints a faint offset into such backgrounds.
         background_range: range of that threshold on the [0, 1] scale.
+        strip_prob: probability of stripping a patch: zeroing the HR voxels whose depth inside the head
+            (``depth_key``, :class:`common.transforms.HeadDepthd`, in voxels) is below a depth drawn uniformly
+            from ``strip_depth_range``. Brain tissue cut against an exact zero is the hardest edge of a
+            skull-stripped scan, and scans with scalp never show it.
+        strip_depth_range: range of the stripping depth in voxels (scalp and skull are about 5-15 mm thick).
+        depth_key: key of the depth map (needed when ``strip_prob`` > 0).
         margin: LR voxels of context on each side (>= the upsampling kernel's radius keeps crops exact).
         kwargs: the other :class:`common.edm_training.RandSlicePatchd` arguments.
     """
@@ -69,6 +78,9 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         stretch_range: Sequence[float] = (1.0, 1.0),
         background_prob: float = 0.0,
         background_range: Sequence[float] = (0.0, 0.1),
+        strip_prob: float = 0.0,
+        strip_depth_range: Sequence[float] = (4.0, 16.0),
+        depth_key: str = "head_depth",
         margin: int = 4,
         **kwargs: Any,
     ) -> None:
@@ -84,6 +96,10 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         self.background_range = tuple(float(t) for t in background_range)
         self.gamma_range = tuple(float(g) for g in gamma_range)
         self.stretch_range = tuple(float(s) for s in stretch_range)
+        self.strip_prob, self.depth_key = float(strip_prob), depth_key
+        self.strip_depth_range = tuple(float(t) for t in strip_depth_range)
+        if not 0.0 <= self.strip_prob <= 1.0 or min(self.strip_depth_range) < 0:
+            raise ValueError(f"strip_prob must be in [0, 1] and depths >= 0, got {strip_prob}, {strip_depth_range}")
         if min(self.gamma_range) <= 0 or min(self.stretch_range) <= 0:
             raise ValueError(f"gamma_range and stretch_range must be positive, got {gamma_range}, {stretch_range}")
 
@@ -109,13 +125,18 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         hi = min(start + patch + self.margin * f, size - size % f)
         return lo, hi
 
-    def _one_resimulated(self, hr: Tensor, fg_slices: Tensor) -> tuple[Tensor, Tensor]:
+    def _one_resimulated(self, hr: Tensor, fg_slices: Tensor, depth: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # the usable in-plane extent: whole LR voxels only, as the degradation crops
         usable = [hr.shape[1 + a] - hr.shape[1 + a] % self.scale_factor[a] for a in range(2)]
         i, idx, starts = self._draw(hr, fg_slices, usable)
         regions = [self._region(starts[a], self.patch_size[a], hr.shape[1 + a], self.scale_factor[a]) for a in range(2)]
         # the conditioning slices, then the target slice last
-        stack = hr[idx + [i]][:, regions[0][0] : regions[0][1], regions[1][0] : regions[1][1]].float()
+        crop = (idx + [i], slice(*regions[0]), slice(*regions[1]))
+        stack = hr[crop].float()
+        if self.strip_prob > 0 and self.R.rand() < self.strip_prob:
+            if depth is None:
+                raise KeyError(f"strip_prob > 0 needs the head depth map '{self.depth_key}' (HeadDepthd)")
+            stack = stack * (depth[crop].float() >= self.R.uniform(*self.strip_depth_range))
         inner = [starts[a] - regions[a][0] for a in range(2)]
         extent = [min(self.patch_size[a], stack.shape[1 + a] - inner[a]) for a in range(2)]
         if self.prob > 0 and self.R.rand() < self.prob:
@@ -132,11 +153,13 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         d = dict(data)
         volume = plain_tensor(d[self.label_key])[0]
         fractions = d.get(self.foreground_key)
+        depth = plain_tensor(d[self.depth_key])[0] if self.depth_key in d else None
         out = []
         for _ in range(self.num_samples):
             axes = self.slice_axes
             axis = axes[self.R.randint(len(axes))] if len(axes) > 1 else axes[0]
             hr = volume.movedim(axis, 0)
-            cond, label = self._one_resimulated(hr, self._foreground_slices(hr, fractions, axis))
+            depth_axis = depth.movedim(axis, 0) if depth is not None else None
+            cond, label = self._one_resimulated(hr, self._foreground_slices(hr, fractions, axis), depth_axis)
             out.append({self.output_cond_key: cond, self.label_key: label})
         return out if self.num_samples > 1 else out[0]

@@ -27,6 +27,7 @@ __all__ = [
     "invert_normalization",
     "head_mask",
     "HeadMaskd",
+    "HeadDepthd",
     "volume_to_metatensor",
     "plain_tensor",
     "LoadVolumed",
@@ -139,6 +140,35 @@ class HeadMaskd(MapTransform):
         d = dict(data)
         key = self.first_key(d)
         d[self.output_key] = torch.from_numpy(head_mask(d[key][0], self.threshold)[None])
+        return d
+
+
+class HeadDepthd(MapTransform):
+    """Depth inside the head: each voxel's Euclidean distance (voxels) to the nearest voxel outside the
+    :func:`head_mask` of ``keys``, into ``output_key`` (1, X, Y, Z) float16; 0 outside the head, infinite
+    everywhere when no voxel is outside it.
+
+    Zeroing the voxels shallower than a depth ``d`` strips the scalp (and, deeper, the skull) the way a
+    skull-stripping tool does, following the head's shape: the training-time stand-in for skull-stripped scans
+    (:class:`common.slice_augment.RandResimulatedSlicePatchd`).
+
+    Args:
+        keys: the volume the mask is computed from (the first present key is used).
+        output_key: where the depth map goes.
+        threshold: :func:`head_mask` threshold.
+    """
+
+    def __init__(self, keys: KeysCollection, output_key: str = "head_depth", threshold: float = 0.1):
+        super().__init__(keys)
+        self.output_key, self.threshold = output_key, threshold
+
+    def __call__(self, data):
+        d = dict(data)
+        mask = head_mask(d[self.first_key(d)][0], self.threshold)
+        # a volume with no voxel outside the head (a crop) has no surface to measure from: infinitely deep
+        depth = np.full(mask.shape, np.inf) if mask.all() else ndimage.distance_transform_edt(mask)
+        depth = depth.astype(np.float16)
+        d[self.output_key] = torch.from_numpy(depth[None])
         return d
 
 

@@ -40,3 +40,20 @@ def test_extra_config_files(tmp_path):
     assert type(parser.get_parsed_content("network_def")).__name__ == "RegressionSR"
     with pytest.raises(SystemExit, match="nope.json"):
         bench.load_bundle("brain_mri_edm25d_super_resolution", {"config": "configs/nope.json"})
+
+
+def test_edge_gains_split_the_mask():
+    """SR = bicubic in the 2-voxel boundary band and closer to HR inside: no gain at the edge, a gain inside."""
+    rng = np.random.default_rng(0)
+    hr = np.zeros((12, 12, 12), np.float32)
+    hr[1:11, 1:11, 1:11] = rng.uniform(0.2, 1.0, (10, 10, 10))
+    mask = hr > 0
+    bicubic = hr + rng.normal(0, 0.05, hr.shape).astype(np.float32)
+    depth_inner = np.zeros_like(mask)
+    depth_inner[3:9, 3:9, 3:9] = True  # depth > 2 inside the 10-voxel cube
+    sr = np.where(depth_inner, hr + (bicubic - hr) / 2, bicubic)
+    gains = bench.edge_gains({"SR": sr, "bicubic": bicubic, "HR": hr}, mask, 2)
+    assert gains["delta_psnr_edge"] == pytest.approx(0.0, abs=1e-9)
+    assert gains["delta_psnr_inner"] == pytest.approx(20 * np.log10(2), abs=1e-3)  # half the error: +6.02 dB
+    table = bench.format_table([{"bundle": "b", **gains}])
+    assert "Δ PSNR edge" in table and "+6.02" in table

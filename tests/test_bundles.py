@@ -239,3 +239,24 @@ def test_multi_gpu_train_on_cpu(bundle, small_training_set, tmp_path):
     ckpt = tmp_path / "ckpt"
     _ok(_bundle_cli("run", "--config_file", configs, *_train_args(bundle, small_training_set, ckpt), launcher=launcher))
     assert (ckpt / "model.pt").stat().st_size > 0
+
+
+def test_edm25d_strip_and_downscaled_copies_wiring(small_training_set):
+    """train.json's ``strip_prob`` computes the head depth in the cached preprocessing and ``downscaled_copies``
+    adds block-averaged copies of the training volumes; a batch comes out of the training loader."""
+    from monai.bundle import ConfigParser
+
+    bundle = REPO / "bundles" / "brain_mri_edm25d_super_resolution"
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    overrides = json.loads((bundle / "configs" / "test_overrides.json").read_text())["train"]
+    overrides.update(bundle_root=str(bundle), dataset_dir=str(small_training_set), strip_prob=1.0,
+                     downscaled_copies=[2])
+    for key, value in overrides.items():
+        parser[key] = value
+    cache = parser.get_parsed_content("train#cache")
+    assert [item.get("downscale") for item in parser.get_parsed_content("split")["training"]] == [None, None, 2, 2]
+    assert all("head_depth" in cache._cache[i] for i in range(len(cache._cache)))
+    assert cache._cache[2]["label"].shape[1] == cache._cache[0]["label"].shape[1] // 2
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert batch["label"].shape == (2, 1, 16, 16) and batch["image"].shape == (2, 2, 16, 16)

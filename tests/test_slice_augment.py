@@ -91,7 +91,9 @@ def test_intensity_map_range_and_determinism():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"slice_axes": ()}, {"slice_axes": (3,)}, {"gamma_range": (0.0, 1.0)}, {"stretch_range": (-1, 1)}]
+    "kwargs",
+    [{"slice_axes": ()}, {"slice_axes": (3,)}, {"gamma_range": (0.0, 1.0)}, {"stretch_range": (-1, 1)},
+     {"strip_prob": 1.5}, {"strip_depth_range": (-1.0, 4.0)}],
 )
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
@@ -184,3 +186,51 @@ def test_add_conditioning_channels_preserves_the_function(tmp_path):
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError):
         add_conditioning_channels(tmp_path / "old.pt", tmp_path / "bad.pt", [4])
+
+
+def test_head_depth_is_the_distance_inside_the_head():
+    from common.transforms import HeadDepthd
+
+    vol = torch.zeros(1, 20, 20, 20)
+    vol[0, 4:16, 4:16, 4:16] = 1.0
+    depth = HeadDepthd("label")({"label": vol})["head_depth"]
+    assert depth.shape == vol.shape and depth.dtype == torch.float16
+    assert torch.all(depth[vol == 0] == 0)
+    # the cube's face voxels are 1 voxel from the outside, its centre 6
+    assert float(depth[0, 4, 10, 10]) == 1.0 and float(depth[0, 10, 10, 10]) == 6.0
+    # a crop inside the head has no surface: nothing is shallow
+    inside = 0.5 + 0.5 * torch.rand(1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.all(torch.isinf(HeadDepthd("label")({"label": inside})["head_depth"]))
+
+
+def test_strip_zeroes_the_shallow_voxels_and_keeps_the_pair_exact():
+    """Stripping at depth 3: the label is the unstripped crop with the voxels shallower than 3 zeroed, and the
+    target LR slice is the block average of that stripped label."""
+    from common.transforms import HeadDepthd
+
+    vol = torch.zeros(1, 10, 28, 28)
+    vol[0, 1:9, 3:25, 4:24] = 0.5 + 0.5 * torch.rand(8, 22, 20, generator=torch.Generator().manual_seed(0))
+    data = HeadDepthd("label")(SliceForegroundd("label")({"label": vol}))
+    depth_data = {"label": data["head_depth"].float(), "slice_foreground": data["slice_foreground"]}
+    kwargs = dict(patch_size=(16, 16), offsets=(-1, 0), scale_factor=(1, 2, 2), upsample_mode="nearest")
+    strip = RandResimulatedSlicePatchd(strip_prob=1.0, strip_depth_range=(3.0, 3.0), **kwargs)
+    plain = RandResimulatedSlicePatchd(**kwargs)
+    zeroed = kept = 0
+    for seed in range(12):
+        strip.set_random_state(seed)
+        plain.set_random_state(seed)
+        label, cond = (t := strip(data))["label"][0], t["image"]
+        unstripped = plain(data)["label"][0]
+        plain.set_random_state(seed)
+        depth = plain(depth_data)["label"][0]
+        torch.testing.assert_close(label, unstripped * (depth >= 3))
+        torch.testing.assert_close(cond[1, ::2, ::2], nn.functional.avg_pool2d(label[None, None], 2)[0, 0])
+        zeroed += int(((unstripped > 0) & (label == 0)).sum())
+        kept += int((label > 0).sum())
+    assert zeroed > 0 and kept > 0
+
+
+def test_strip_without_depth_map_is_an_error():
+    t = RandResimulatedSlicePatchd((8, 8), strip_prob=1.0)
+    with pytest.raises(KeyError, match="head_depth"):
+        t(_cached((6, 16, 16)))
