@@ -27,13 +27,12 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.transforms import SpatialPad
-from scipy import ndimage
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import degrade, metrics
 from common.evaluation import score_sr
 from common.io import list_nifti, load_volume, nifti_stem
-from common.transforms import PercentileNormalize, invert_normalization
+from common.transforms import PercentileNormalize, invert_normalization, mask_depth
 
 __all__ = [
     "DEGRADATIONS", "parse_bundle_spec", "load_bundle", "peak_rss_reset", "peak_rss_mb", "run", "edge_gains",
@@ -182,7 +181,7 @@ def run(
 def edge_gains(volumes: dict, mask: np.ndarray, width: float) -> dict:
     """PSNR gains of ``volumes["SR"]`` over ``volumes["bicubic"]`` (both against ``volumes["HR"]``, [0, 1] scale) in
     the band of ``mask`` within ``width`` voxels of its outside and in the rest of the mask."""
-    depth = ndimage.distance_transform_edt(mask)
+    depth = mask_depth(mask)
     out = {}
     for name, region in (("edge", mask & (depth <= width)), ("inner", depth > width)):
         if region.any():

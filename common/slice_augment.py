@@ -134,8 +134,6 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         crop = (idx + [i], slice(*regions[0]), slice(*regions[1]))
         stack = hr[crop].float()
         if self.strip_prob > 0 and self.R.rand() < self.strip_prob:
-            if depth is None:
-                raise KeyError(f"strip_prob > 0 needs the head depth map '{self.depth_key}' (HeadDepthd)")
             stack = stack * (depth[crop].float() >= self.R.uniform(*self.strip_depth_range))
         inner = [starts[a] - regions[a][0] for a in range(2)]
         extent = [min(self.patch_size[a], stack.shape[1 + a] - inner[a]) for a in range(2)]
@@ -153,7 +151,9 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         d = dict(data)
         volume = plain_tensor(d[self.label_key])[0]
         fractions = d.get(self.foreground_key)
-        depth = plain_tensor(d[self.depth_key])[0] if self.depth_key in d else None
+        if self.strip_prob > 0 and self.depth_key not in d:
+            raise KeyError(f"strip_prob > 0 needs the head depth map '{self.depth_key}' (HeadDepthd)")
+        depth = plain_tensor(d[self.depth_key])[0] if self.strip_prob > 0 else None
         out = []
         for _ in range(self.num_samples):
             axes = self.slice_axes

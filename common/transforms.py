@@ -27,6 +27,7 @@ __all__ = [
     "invert_normalization",
     "head_mask",
     "HeadMaskd",
+    "mask_depth",
     "HeadDepthd",
     "volume_to_metatensor",
     "plain_tensor",
@@ -143,10 +144,17 @@ class HeadMaskd(MapTransform):
         return d
 
 
+def mask_depth(mask: np.ndarray) -> np.ndarray:
+    """Each voxel's Euclidean distance (voxels) to the nearest voxel outside ``mask``: 0 outside, and infinite
+    everywhere when no voxel is outside (a crop inside the head has no surface to measure from; scipy would
+    measure from an implicit point beyond the array)."""
+    mask = np.asarray(mask, dtype=bool)
+    return np.full(mask.shape, np.inf) if mask.all() else ndimage.distance_transform_edt(mask)
+
+
 class HeadDepthd(MapTransform):
-    """Depth inside the head: each voxel's Euclidean distance (voxels) to the nearest voxel outside the
-    :func:`head_mask` of ``keys``, into ``output_key`` (1, X, Y, Z) float16; 0 outside the head, infinite
-    everywhere when no voxel is outside it.
+    """Depth inside the head: :func:`mask_depth` of the :func:`head_mask` of ``keys``, into ``output_key``
+    (1, X, Y, Z) float16.
 
     Zeroing the voxels shallower than a depth ``d`` strips the scalp (and, deeper, the skull) the way a
     skull-stripping tool does, following the head's shape: the training-time stand-in for skull-stripped scans
@@ -164,10 +172,7 @@ class HeadDepthd(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
-        mask = head_mask(d[self.first_key(d)][0], self.threshold)
-        # a volume with no voxel outside the head (a crop) has no surface to measure from: infinitely deep
-        depth = np.full(mask.shape, np.inf) if mask.all() else ndimage.distance_transform_edt(mask)
-        depth = depth.astype(np.float16)
+        depth = mask_depth(head_mask(d[self.first_key(d)][0], self.threshold)).astype(np.float16)
         d[self.output_key] = torch.from_numpy(depth[None])
         return d
 

@@ -57,3 +57,6 @@ def test_edge_gains_split_the_mask():
     assert gains["delta_psnr_inner"] == pytest.approx(20 * np.log10(2), abs=1e-3)  # half the error: +6.02 dB
     table = bench.format_table([{"bundle": "b", **gains}])
     assert "Δ PSNR edge" in table and "+6.02" in table
+    # a mask with no voxel outside (a crop inside the head) has no boundary band
+    inside = bench.edge_gains({"SR": sr, "bicubic": bicubic, "HR": hr}, np.ones_like(mask), 2)
+    assert "delta_psnr_edge" not in inside and "delta_psnr_inner" in inside
