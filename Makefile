@@ -46,7 +46,7 @@ test: install
 	$(RUN) -m pytest
 
 bench: install
-	$(RUN) -m common.bench $(BENCH_ARGS)
+	$(RUN) -m common.evaluation.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

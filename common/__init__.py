@@ -1,7 +1,9 @@
-"""Shared code of the brain MRI super-resolution bundles: data, networks, diffusion, metrics, reports.
+"""Shared code of the brain MRI super-resolution bundles, laid out like MONAI (see docs/architecture.md).
 
-Submodules load on first attribute access, so a bundle config needs only ``"$import common"`` and can then
-name ``common.pipelines.…`` or ``"_target_": "common.…"`` without importing what it does not use.
+Subpackages load on first attribute access, so a bundle config needs only ``"$import common"`` and can then
+name ``common.transforms.…`` or ``"_target_": "common.…"`` without importing what it does not use.
+Floors, lowest first (an import never runs back up): utils -> data -> transforms -> networks, diffusion ->
+inferers, engines -> evaluation, deploy.
 """
 
 import importlib
@@ -9,9 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "bench", "data", "degrade", "diffusion", "edm_training", "engines", "evaluation", "export", "inferers",
-    "io", "metrics", "networks", "operators", "overrides", "pipelines", "report", "score_inferer", "score_training",
-    "tables", "transforms", "upsample", "volume_inferer", "volume_training", "windowed_denoiser",
+    "utils", "data", "transforms", "networks", "diffusion", "inferers", "engines", "evaluation", "deploy",
 }
 
 

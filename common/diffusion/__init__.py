@@ -1,68 +1,15 @@
-"""Diffusion machinery shared by the bundles: EDM preconditioning and samplers (more modules join here)."""
+"""Diffusion machinery: EDM preconditioning and its SR denoiser, samplers with one signature, the VE-SDE,
+DPS guidance, wavelet fusion and the forward operators A of SRMRI.
 
-from .edm import EDMPrecond, add_training_noise, edm_coefficients, sample_sigma_lognormal
-from .samplers import (
-    SAMPLERS,
-    get_sigmas_karras,
-    make_noise,
-    paper_2p5d_sigmas,
-    sample_euler,
-    sample_heun,
-    sample_paper_2p5d,
-    sample_paper_3d,
-)
+Each module's ``__all__`` is re-exported here (``common.diffusion.<name>``), as MONAI's packages do.
+"""
 
-__all__ = [
-    "EDMPrecond",
-    "SAMPLERS",
-    "add_training_noise",
-    "edm_coefficients",
-    "get_sigmas_karras",
-    "make_noise",
-    "paper_2p5d_sigmas",
-    "sample_euler",
-    "sample_heun",
-    "sample_paper_2p5d",
-    "sample_paper_3d",
-    "sample_sigma_lognormal",
-]
+from . import edm, guidance, operators, samplers, vesde, wavelets
+from .edm import *  # noqa: F401,F403
+from .guidance import *  # noqa: F401,F403
+from .operators import *  # noqa: F401,F403
+from .samplers import *  # noqa: F401,F403
+from .vesde import *  # noqa: F401,F403
+from .wavelets import *  # noqa: F401,F403
 
-# VE-SDE, DPS guidance and wavelet fusion (SRMRI, methods.md §3)
-from .guidance import DPSEval, dps_eval, dps_step, sample_heun_dps, sample_srmri, upsample_measurement
-from .vesde import (
-    corrector_step,
-    dsm_loss,
-    get_sigmas_vesde,
-    predictor_step,
-    sample_pc,
-    sample_sigma_vesde,
-    score_to_denoiser,
-    sigma_max_rule,
-    tweedie,
-    vesde_sigma,
-)
-from .wavelets import dwt2, idwt2, wavedec2, wavelet_fusion, waverec2
-
-__all__ += [
-    "DPSEval",
-    "corrector_step",
-    "dps_eval",
-    "dps_step",
-    "dsm_loss",
-    "dwt2",
-    "get_sigmas_vesde",
-    "idwt2",
-    "predictor_step",
-    "sample_heun_dps",
-    "sample_pc",
-    "sample_sigma_vesde",
-    "sample_srmri",
-    "score_to_denoiser",
-    "sigma_max_rule",
-    "tweedie",
-    "upsample_measurement",
-    "vesde_sigma",
-    "wavedec2",
-    "wavelet_fusion",
-    "waverec2",
-]
+__all__ = [*edm.__all__, *samplers.__all__, *vesde.__all__, *wavelets.__all__, *guidance.__all__, *operators.__all__]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EDMPrecond", "edm_coefficients", "sample_sigma_lognormal", "add_training_noise"]
+__all__ = ["edm_coefficients", "sample_sigma_lognormal", "add_training_noise", "EDMPrecond", "SRDenoiser"]
 
 
 def _as_batch(sigma: Tensor | float, batch: int, like: Tensor) -> Tensor:
@@ -228,3 +228,58 @@ class EDMPrecond(nn.Module):
             f"p_std={self.p_std}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
         )
 
+
+class SRDenoiser(EDMPrecond):
+    """The EDM denoiser of an SR bundle: :class:`EDMPrecond` with a ``forward`` for the three ways it is called.
+
+    - ``forward(x, sigma, cond)``: ``D(x; σ)`` for the samplers (the parent's denoiser);
+    - ``forward(x, sigma, cond, raw=True)``: the raw network output ``F`` (the stock trainer's MSE on the
+      F-space target, see :class:`common.engines.EDMPrepareBatch`);
+    - ``forward(x)`` with the conditioning images and the noisy image stacked on channels (conditioning first):
+      ``D`` at the fixed level ``probe_sigma``; this is what ``verify_net_in_out`` and a traced export call.
+
+    Args:
+        model: backbone ``F(x_in, c_noise)`` taking ``num_cond + 1`` channels.
+        num_cond: number of conditioning channels (e.g. 2 for previous + target LR slice).
+        probe_sigma: the noise level of the single-input call (5, the one-step sampler's level).
+        sigma_data: standard deviation of the data.
+        sigma_offset: standard deviation of the offset noise.
+        p_mean: mean of ln σ in training.
+        p_std: standard deviation of ln σ in training.
+        sigma_min: lower clip of the training σ.
+        sigma_max: upper clip of the training σ.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_cond: int = 2,
+        probe_sigma: float = 5.0,
+        sigma_data: float = 0.5,
+        sigma_offset: float = 0.1,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        sigma_min: float = 2e-3,
+        sigma_max: float = 20.0,
+    ) -> None:
+        super().__init__(model, sigma_data, sigma_offset, p_mean, p_std, sigma_min, sigma_max)
+        self.num_cond = int(num_cond)
+        self.probe_sigma = float(probe_sigma)
+
+    def forward(self, x: Tensor, sigma: Tensor | float | None = None, cond: Tensor | None = None, raw: bool = False):
+        """``D(x; σ, cond)``, or ``F`` with ``raw``; with ``sigma`` None, ``x`` = [cond, noisy] at ``probe_sigma``.
+
+        Args:
+            x: noisy images (B, 1, *spatial), or (B, num_cond + 1, *spatial) when ``sigma`` is None.
+            sigma: noise level (float, 0-d or (B,)); None for the single-input call.
+            cond: conditioning images (B, num_cond, *spatial) in [-1, 1].
+            raw: return the network output ``F`` instead of ``D``.
+        """
+        if sigma is None:
+            if cond is not None or x.shape[1] != self.num_cond + 1:
+                raise ValueError(
+                    f"the single-input call takes (B, {self.num_cond + 1}, ...) = [cond, noisy], got {tuple(x.shape)}"
+                )
+            x, cond, sigma = x[:, self.num_cond :], x[:, : self.num_cond], self.probe_sigma
+        denoised, f_x, _, _ = self.forward_with_output(x, sigma, cond)
+        return f_x if raw else denoised

@@ -12,7 +12,7 @@ measurement (no network call). ``k = 1`` is pure DPS. ``fusion=False`` leaves th
 "no fusion" ablation. :func:`sample_heun_dps` drives the same score model with the EDM Heun solver and a DPS update
 per step, for far fewer network calls.
 
-``operator`` is any differentiable ``A(x)`` (e.g. :class:`common.operators.Downsample`); ``y`` its measurement.
+``operator`` is any differentiable ``A(x)`` (e.g. :class:`common.diffusion.Downsample`); ``y`` its measurement.
 Norms are per image, so the images of a batch are independent (Chung et al.'s code takes one norm over the batch;
 the same for one image). ``stats``, when given a dict, receives ``"nfe"`` (network calls) and ``"residuals"`` (batch
 mean of ``‖y − A(x̂0)‖`` at each DPS update).
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from common.upsample import grid_upsample
+from common.transforms.upsample import grid_upsample
 
 from .samplers import Callback, NoiseFn, _churn, make_noise
 from .vesde import ScoreFn, _sigma_batch, corrector_step, predictor_step, tweedie
@@ -83,12 +83,12 @@ def dps_step(
 
 
 def upsample_measurement(y: Tensor, like: Tensor, mode: str = "cubic") -> Tensor:
-    """``y`` upsampled onto ``like``'s grid (grid-aligned, :mod:`common.upsample`), the factors from the shapes.
+    """``y`` upsampled onto ``like``'s grid (grid-aligned, :mod:`common.transforms.upsample`), the factors from the shapes.
 
     Args:
         y: measurement (B, C, *lr_spatial).
         like: a tensor on the HR grid (B, C, *hr_spatial), each size an integer multiple of ``y``'s.
-        mode: interpolation of :class:`common.upsample.GridUpsample`.
+        mode: interpolation of :class:`common.transforms.GridUpsample`.
     """
     hr, lr = like.shape[2:], y.shape[2:]
     if len(hr) != len(lr) or any(h % s for h, s in zip(hr, lr)):

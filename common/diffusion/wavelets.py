@@ -19,8 +19,8 @@ Tensors are (..., H, W): every leading axis (batch, channel, slice) is an indepe
 
 from __future__ import annotations
 
-from functools import lru_cache
 from collections.abc import Sequence
+from functools import lru_cache
 
 import pywt
 import torch

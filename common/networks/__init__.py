@@ -1,5 +1,12 @@
-"""Networks of the bundles, one module per family."""
+"""Networks, one module per family: the AdaGN U-Net (EDM), the NCSN++-style score network (SRMRI), and the
+regression wrapper of the 2.5D baseline.
 
-from .adagn_unet import PAPER_CONFIGS, AdaGNUNet, adagn_unet_paper_2p5d, adagn_unet_paper_3d
+Each module's ``__all__`` is re-exported here (``common.networks.<name>``), as MONAI's packages do.
+"""
 
-__all__ = ["AdaGNUNet", "PAPER_CONFIGS", "adagn_unet_paper_2p5d", "adagn_unet_paper_3d"]
+from . import adagn_unet, regression, score_net
+from .adagn_unet import *  # noqa: F401,F403
+from .regression import *  # noqa: F401,F403
+from .score_net import *  # noqa: F401,F403
+
+__all__ = [*adagn_unet.__all__, *score_net.__all__, *regression.__all__]

@@ -1,0 +1,168 @@
+"""Datalists of the bundles' commands: inference inputs, evaluation references, training/validation splits
+(MONAI-style JSON, covariates), downscaled training copies, and the embedded sample (nilearn's MNI152 template).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+from common.data.io import VolumeError, check_nifti_header, list_nifti, nifti_stem
+from common.utils import is_unset
+
+__all__ = [
+    "EMBEDDED_SAMPLE",
+    "embedded_sample_path",
+    "inference_datalist",
+    "evaluation_datalist",
+    "build_datalist",
+    "training_datalist",
+    "with_downscaled_copies",
+]
+
+
+# The MNI152 2009a template inside the nilearn wheel: a 1 mm average brain that any fresh install has.
+EMBEDDED_SAMPLE = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def embedded_sample_path() -> Path:
+    """Path of the embedded sample volume shipped in the installed nilearn package (found without importing it)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise VolumeError("nilearn", "package not installed: it carries the embedded sample (pip install nilearn)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_SAMPLE
+    if not path.is_file():
+        raise VolumeError(path, "the embedded sample is missing from this nilearn install")
+    return path
+
+
+def inference_datalist(dataset_dir: str | None, min_shape: Sequence[int] = (1, 1, 1)) -> list[dict]:
+    """Items for the inference command: every NIfTI in ``dataset_dir`` as ``{"image": path}``.
+
+    With no ``dataset_dir`` the embedded sample is given as the HR ``label``, to be degraded into the LR
+    ``image`` by the bundle's preprocessing (and scored against it). Headers are checked up front, so a bad file
+    stops the run before any output is written.
+    """
+    if is_unset(dataset_dir):
+        return [{"label": str(embedded_sample_path()), "embedded_sample": True}]
+    files = list_nifti(dataset_dir)
+    for path in files:
+        check_nifti_header(path, min_shape)
+    return [{"image": str(path)} for path in files]
+
+
+def evaluation_datalist(dataset_dir: str | None) -> list[dict]:
+    """Items for evaluation: every NIfTI in ``dataset_dir`` as an HR ``label`` (the embedded sample when None)."""
+    if is_unset(dataset_dir):
+        return [{"label": str(embedded_sample_path())}]
+    files = list_nifti(dataset_dir)
+    for path in files:
+        check_nifti_header(path)
+    return [{"label": str(path)} for path in files]
+
+
+def _read_covariates(path: str | Path) -> dict[str, dict]:
+    """CSV (or JSON list) of covariates keyed by a ``subject`` column matching the file stems."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(path, "covariates file not found")
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    if not rows or "subject" not in rows[0]:
+        raise VolumeError(path, "covariates need a 'subject' column matching the NIfTI file stems")
+    return {str(r["subject"]): {k: v for k, v in r.items() if k != "subject"} for r in rows}
+
+
+def build_datalist(
+    folder: str | Path,
+    key: str = "label",
+    val_subjects: Sequence[str] | None = None,
+    num_val: int = 1,
+    covariates: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, list[dict]]:
+    """A MONAI-style datalist ``{"training": [...], "validation": [...]}`` from a folder of HR NIfTI.
+
+    Args:
+        folder: folder of NIfTI volumes (one subject each).
+        key: the key holding each path ("label" for HR volumes that LR pairs are simulated from).
+        val_subjects: file stems held out for validation; when None, ``num_val`` stems drawn with ``seed``.
+        num_val: number of held-out subjects when ``val_subjects`` is None.
+        covariates: optional CSV/JSON with a ``subject`` column; its other columns are added to the items.
+        seed: seed for the validation draw.
+    """
+    files = list_nifti(folder)
+    covars = _read_covariates(covariates) if covariates else {}
+    items = [{key: str(p), "subject": nifti_stem(p), **covars.get(nifti_stem(p), {})} for p in files]
+    stems = [it["subject"] for it in items]
+    if val_subjects is None:
+        val_subjects = random.Random(seed).sample(stems, min(num_val, max(len(stems) - 1, 0)))
+    unknown = set(val_subjects) - set(stems)
+    if unknown:
+        raise VolumeError(folder, f"validation subjects not found: {sorted(unknown)}")
+    return {
+        "training": [it for it in items if it["subject"] not in val_subjects],
+        "validation": [it for it in items if it["subject"] in val_subjects],
+    }
+
+
+def training_datalist(
+    dataset_dir: str, datalist: str | None = None, key: str = "label", num_val: int = 1, seed: int = 0
+) -> dict[str, list[dict]]:
+    """The training/validation split of the training command.
+
+    With a ``datalist`` JSON (MONAI style: ``{"training": [...], "validation": [...]}``), its relative paths are
+    taken from ``dataset_dir``; items may give real LR/HR pairs (``image`` = LR, ``label`` = HR) and covariates.
+    Without one, every NIfTI in ``dataset_dir`` is an HR ``label`` and ``num_val`` of them are held out.
+    """
+    if is_unset(datalist):
+        return build_datalist(dataset_dir, key=key, num_val=num_val, seed=seed)
+    path = Path(datalist)
+    if not path.is_file():
+        raise VolumeError(path, "datalist file not found")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise VolumeError(path, f"not valid JSON ({err})") from err
+    out = {}
+    for split in ("training", "validation"):
+        items = []
+        for item in content.get(split, []):
+            item = dict(item)
+            for k in ("image", "label"):
+                if k in item and not Path(item[k]).is_absolute():
+                    item[k] = str(Path(dataset_dir) / item[k])
+                if k in item:
+                    check_nifti_header(item[k])
+            item.setdefault("subject", nifti_stem(item.get("label", item.get("image"))))
+            items.append(item)
+        out[split] = items
+    if not out["training"]:
+        raise VolumeError(path, "no 'training' items")
+    return out
+
+
+def with_downscaled_copies(split: dict[str, list[dict]], factors: Sequence[int] = ()) -> dict[str, list[dict]]:
+    """``split`` with, per factor ``f``, a copy of every training item marked ``"downscale": f`` (validation
+    untouched): :class:`common.transforms.BlockDownscaled` block-averages such an item's HR by ``f`` along every
+    axis, a cleaner image at a coarser voxel (block averaging ``f³`` voxels divides white noise by ``f^1.5``).
+
+    Args:
+        split: ``{"training": [...], "validation": [...]}``.
+        factors: integer factors > 1; empty returns ``split`` unchanged.
+    """
+    factors = [int(f) for f in factors]
+    if any(f < 2 for f in factors):
+        raise ValueError(f"downscale factors must be integers >= 2, got {factors}")
+    copies = [
+        {**item, "downscale": f, "subject": f"{item.get('subject', '')}_down{f}"}
+        for f in factors for item in split["training"]
+    ]
+    return {**split, "training": list(split["training"]) + copies}

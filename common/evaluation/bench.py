@@ -1,0 +1,264 @@
+"""The benchmark command: run chosen bundles on HR volumes under a stated degradation and print one table.
+
+    python -m common.evaluation.bench --bundles brain_mri_interpolation_super_resolution \
+        "brain_mri_interpolation_super_resolution:mode=bspline" --data ../shared/data/mri \
+        --subjects dev01_siemens_trio_3T_mprage --degradation block --scale 1 2 2 --slices 96
+
+Each bundle runs through its own inference config (its ``network`` and ``inferer``), so the numbers are those of
+what users run. A ``:key=value,key=value`` suffix overrides config ids. Quality comes from the one metric path
+(:func:`common.evaluation.score_sr`): PSNR/SSIM on the HR's [0, 1] scale over non-empty slices and inside the head
+mask, with the gain over grid-aligned bicubic of the same LR input. Time is the inferer call alone; memory is the
+process's peak resident set during it (Linux VmHWM, reset before each volume). ``--edge`` splits the head-mask
+gain into the mask's boundary band (voxels within ``edge_width`` of the outside: where a skull-stripped brain
+meets its zero background) and the interior.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import SpatialPad
+from torch.utils.flop_counter import FlopCounterMode
+
+from common.data.io import list_nifti, load_volume, nifti_stem
+from common.evaluation import metrics
+from common.evaluation.scoring import score_sr
+from common.transforms import degrade
+from common.transforms.intensity import PercentileNormalize, invert_normalization
+from common.transforms.mask import mask_depth
+
+__all__ = [
+    "DEGRADATIONS",
+    "parse_bundle_spec",
+    "load_bundle",
+    "peak_rss_reset",
+    "peak_rss_mb",
+    "run",
+    "edge_gains",
+    "format_table",
+    "main",
+]
+
+
+DEGRADATIONS = {
+    "block": degrade.BlockAverage,
+    "kspace": degrade.KSpaceTruncation,
+    "gaussian": degrade.GaussianDecimation,
+    "spline": degrade.SplineDownsample,
+}
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parse_bundle_spec(spec: str) -> tuple[str, dict]:
+    """``name:key=value,key=value`` -> (name, overrides); values are JSON when they parse, else strings."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for pair in filter(None, re.split(r",(?![^\[]*\])", rest)):
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
+def load_bundle(name: str, overrides: dict, bundles_dir: Path = REPO / "bundles") -> ConfigParser:
+    """Parse a bundle's inference config with overrides (as ``monai.bundle run`` would) and run its initialize.
+
+    The override ``config`` names extra config files of the bundle merged after ``inference.json`` (paths
+    relative to the bundle folder, ``;``-separated), e.g. ``config=configs/regression.json``.
+    """
+    root = Path(name) if Path(name).is_dir() else bundles_dir / name
+    overrides = dict(overrides)
+    configs = [root / "configs" / "inference.json"]
+    configs += [root / c for c in str(overrides.pop("config", "")).split(";") if c]
+    for config in configs:
+        if not config.is_file():
+            raise SystemExit(f"error: {config}: no such bundle config")
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in configs])
+    parser["bundle_root"] = str(root)
+    for key, value in overrides.items():
+        parser[key] = value
+    parser.get_parsed_content("initialize")
+    return parser
+
+
+def peak_rss_reset() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux clear_refs); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB since the last reset (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _predict(parser: ConfigParser, lr01: torch.Tensor, count_flops: bool) -> tuple[torch.Tensor, float, float]:
+    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("inferer")
+    device = parser.get_parsed_content("device")
+    network.eval()
+    x = lr01[None].to(device)
+    flops = math.nan
+    with torch.no_grad():
+        if count_flops:
+            with FlopCounterMode(display=False) as counter:
+                inferer(x, network)
+            flops = float(counter.get_total_flops())
+        t0 = time.perf_counter()
+        pred = inferer(x, network)
+        seconds = time.perf_counter() - t0
+    return torch.as_tensor(pred)[0].float().cpu(), seconds, flops
+
+
+def run(
+    bundles: Sequence[str],
+    files: Sequence[Path],
+    degradation: str = "block",
+    scale: Sequence[int] = (1, 2, 2),
+    slices: int | None = None,
+    count_flops: bool = False,
+    pad_to: Sequence[int] | None = None,
+    edge_width: float | None = None,
+) -> list[dict]:
+    """Benchmark rows, one per bundle (means over the volumes); ``pad_to`` zero-pads each HR volume, centred, to at
+    least that shape (e.g. 256³ for speed and memory at a fixed size); ``edge_width`` (voxels) adds the gains over
+    bicubic in the head mask's boundary band and interior (:func:`edge_gains`)."""
+    rows = []
+    for spec in bundles:
+        name, overrides = parse_bundle_spec(spec)
+        overrides.setdefault("scale_factor", list(scale))
+        parser = load_bundle(name, overrides)
+        per_volume = []
+        for path in files:
+            vol = load_volume(path)
+            hr = torch.from_numpy(vol.data)[None]
+            if slices:
+                start = max((hr.shape[1] - slices) // 2, 0)
+                hr = hr[:, start : start + slices]
+            if pad_to:
+                hr = SpatialPad([max(int(p), s) for p, s in zip(pad_to, hr.shape[1:])])(hr).as_tensor()
+            lr = DEGRADATIONS[degradation](scale)(hr)
+            # the bundle's own input scaling: 1st/99th percentiles, clipped unless its config says "clip": false
+            lr01 = PercentileNormalize(clip=bool(parser.get("clip", True)))(lr)
+            lo, hi = np.percentile(lr.numpy(), [1, 99])
+            peak_rss_reset()
+            pred, seconds, flops = _predict(parser, lr01, count_flops)
+            peak = peak_rss_mb()
+            sr = invert_normalization(pred.numpy(), float(lo), float(hi))
+            scored = score_sr(sr, hr, lr, scale, DEGRADATIONS[degradation](scale), subject=nifti_stem(path))
+            per_volume.append(
+                {
+                    "psnr": scored.sr["psnr"], "ssim2d": scored.sr["ssim2d"],
+                    "psnr_mask": scored.sr["psnr_mask"], "ssim2d_mask": scored.sr["ssim2d_mask"],
+                    "delta_psnr_mask": scored.sr["psnr_mask"] - scored.bicubic["psnr_mask"],
+                    "delta_ssim2d_mask": scored.sr["ssim2d_mask"] - scored.bicubic["ssim2d_mask"],
+                    "s_per_volume": seconds, "s_per_slice": seconds / sr.shape[1 if sr.ndim == 4 else 0],
+                    "peak_rss_mb": peak, "gflop_per_s": flops / seconds / 1e9,
+                    "shape": "x".join(str(s) for s in sr.shape[-3:]),
+                }
+            )
+            if edge_width:
+                per_volume[-1].update(edge_gains(scored.volumes, scored.mask, edge_width))
+        row = {"bundle": spec, "volumes": len(per_volume), "shape": per_volume[0]["shape"]}
+        for key in per_volume[0]:
+            if key != "shape":
+                row[key] = float(np.mean([v[key] for v in per_volume])) if key != "peak_rss_mb" else max(
+                    v[key] for v in per_volume
+                )
+        rows.append(row)
+    return rows
+
+
+def edge_gains(volumes: dict, mask: np.ndarray, width: float) -> dict:
+    """PSNR gains of ``volumes["SR"]`` over ``volumes["bicubic"]`` (both against ``volumes["HR"]``, [0, 1] scale) in
+    the band of ``mask`` within ``width`` voxels of its outside and in the rest of the mask."""
+    depth = mask_depth(mask)
+    out = {}
+    for name, region in (("edge", mask & (depth <= width)), ("inner", depth > width)):
+        if region.any():
+            sr, bic = (metrics.psnr(volumes[k], volumes["HR"], mask=region) for k in ("SR", "bicubic"))
+            out[f"delta_psnr_{name}"] = sr - bic
+    return out
+
+
+COLUMNS = [
+    ("bundle", "bundle", "{}"), ("shape", "SR shape", "{}"), ("psnr", "PSNR", "{:.2f}"), ("ssim2d", "SSIM", "{:.4f}"),
+    ("psnr_mask", "PSNR mask", "{:.2f}"), ("ssim2d_mask", "SSIM mask", "{:.4f}"),
+    ("delta_psnr_mask", "Δ PSNR vs bicubic", "{:+.2f}"), ("delta_ssim2d_mask", "Δ SSIM vs bicubic", "{:+.4f}"),
+    ("s_per_volume", "s/volume", "{:.2f}"), ("s_per_slice", "s/slice", "{:.4f}"),
+    ("gflop_per_s", "GFLOP/s", "{:.1f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}"),
+]
+
+
+EDGE_COLUMNS = [("delta_psnr_edge", "Δ PSNR edge", "{:+.2f}"), ("delta_psnr_inner", "Δ PSNR interior", "{:+.2f}")]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of benchmark rows (with the edge/interior columns when a row has them)."""
+    columns = COLUMNS + ([c for c in EDGE_COLUMNS if any(c[0] in r for r in rows)])
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m common.evaluation.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundles", nargs="+", required=True, help="bundle names (or folders), with :key=value overrides")
+    ap.add_argument("--data", required=True, help="folder of HR NIfTI volumes")
+    ap.add_argument("--subjects", nargs="*", help="file stems to use (default: all in --data)")
+    ap.add_argument("--degradation", choices=sorted(DEGRADATIONS), default="block")
+    ap.add_argument("--scale", nargs="+", type=int, default=[1, 2, 2], help="reduction factor per RAS axis")
+    ap.add_argument("--slices", type=int, default=None, help="central sagittal slices to keep (default: all)")
+    ap.add_argument("--pad_to", nargs=3, type=int, default=None,
+                    help="zero-pad each HR volume (centred) to at least this RAS shape, e.g. 256 256 256")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--flops", action="store_true", help="count FLOPs (one extra pass) to report GFLOP/s")
+    ap.add_argument("--edge", type=float, default=None, metavar="WIDTH",
+                    help="also report the gain in the head mask's boundary band of this width (voxels) and inside it")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = list_nifti(args.data)
+    if args.subjects:
+        files = [f for f in files if nifti_stem(f) in set(args.subjects)]
+        missing = set(args.subjects) - {nifti_stem(f) for f in files}
+        if missing:
+            raise SystemExit(f"error: {args.data}: subjects not found: {sorted(missing)}")
+    rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to, args.edge)
+    print(f"degradation: {args.degradation} x{args.scale}; slices: {args.slices or 'all'}; "
+          f"padded to: {args.pad_to or 'no'}; "
+          f"volumes: {', '.join(nifti_stem(f) for f in files)}; torch threads: {torch.get_num_threads()}")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

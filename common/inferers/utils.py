@@ -1,0 +1,105 @@
+"""What every SR inferer shares: bf16 autocast on CPU (:class:`AutocastInferer` for trainers and evaluators),
+the K-sample loop with mean and standard deviation (:func:`sample_mean_std`), and slice progress lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+from torch import Tensor
+
+__all__ = ["autocast_context", "AutocastInferer", "sample_mean_std", "SliceProgress"]
+
+
+def autocast_context(device: torch.device | str, enabled: bool, dtype: torch.dtype = torch.bfloat16):
+    """``torch.autocast`` for ``device`` (bf16 by default, CPU included) when ``enabled``, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+class AutocastInferer(Inferer):
+    """``network(inputs, *args, **kwargs)`` under ``torch.autocast`` (bf16) on the inputs' device when enabled.
+
+    MONAI's trainers only autocast on CUDA; this inferer gives the trainer and evaluators bf16 on CPU too.
+
+    Args:
+        enabled: use autocast.
+        dtype: autocast dtype ("bfloat16" or "float16", or a torch dtype).
+        channels_last: pass 4D tensors (inputs and tensor keyword arguments) in channels-last memory format.
+    """
+
+    def __init__(
+        self, enabled: bool = True, dtype: str | torch.dtype = torch.bfloat16, channels_last: bool = False
+    ) -> None:
+        super().__init__()
+        self.enabled = bool(enabled)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.channels_last = bool(channels_last)
+
+    def __call__(self, inputs: Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.channels_last:
+
+            def fmt(t: Any) -> Any:
+                return t.contiguous(memory_format=torch.channels_last) if isinstance(t, Tensor) and t.ndim == 4 else t
+
+            inputs, kwargs = fmt(inputs), {k: fmt(v) for k, v in kwargs.items()}
+        with autocast_context(inputs.device, self.enabled, self.dtype):
+            out = network(inputs, *args, **kwargs)
+        return out.float() if isinstance(out, Tensor) and out.is_floating_point() else out
+
+
+def sample_mean_std(sample: Callable[[int], Tensor], num_samples: int = 1, unbiased: bool = True) -> Tensor:
+    """Draw ``num_samples`` outputs and return their mean, plus their standard deviation when ``num_samples > 1``.
+
+    Streams the samples (Welford's update), so memory stays at two volumes whatever K is.
+
+    Args:
+        sample: ``sample(k)`` returns the k-th sample (B, 1, *spatial); called for k = 0 .. K-1 in order.
+        num_samples: K.
+        unbiased: divide by K - 1 (True) or K for the variance.
+
+    Returns:
+        (B, 1, *spatial) for K = 1, else (B, 2, *spatial): channel 0 the mean, channel 1 the standard deviation.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    mean = sample(0).float()
+    if num_samples == 1:
+        return mean
+    m2 = torch.zeros_like(mean)
+    for k in range(1, num_samples):
+        x = sample(k).float()
+        delta = x - mean
+        mean = mean + delta / (k + 1)
+        m2 = m2 + delta * (x - mean)
+    var = m2 / (num_samples - 1 if unbiased else num_samples)
+    return torch.cat([mean, var.clamp_min(0).sqrt()], dim=1)
+
+
+class SliceProgress:
+    """A progress line per slice batch, and per sampler step at most every ``interval`` seconds (stderr)."""
+
+    def __init__(self, total: int, enabled: bool, label: str, interval: float = 0.0) -> None:
+        self.total, self.enabled, self.label, self.interval = total, enabled, label, interval
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+
+    def step(self, i: int, n: int, sigma: float) -> None:
+        now = time.perf_counter()
+        if self.enabled and n > 1 and (i == 0 or now - self.last >= self.interval):
+            self.last = now
+            print(f"{self.label}: slices {self.done}/{self.total}, sampler step {i + 1}/{n} (σ = {sigma:.3g})",
+                  file=sys.stderr, flush=True)
+
+    def batch(self, count: int) -> None:
+        self.done += count
+        if self.enabled:
+            rate = (time.perf_counter() - self.t0) / max(self.done, 1)
+            print(f"{self.label}: slices {self.done}/{self.total} ({rate:.3f} s/slice)", file=sys.stderr, flush=True)

@@ -1,0 +1,137 @@
+"""Loading and saving transforms: NIfTI volumes as RAS MetaTensors (path, affine, source orientation in the
+meta), SR predictions written on the HR grid in the input's orientation and units, and the split of a
+(mean, standard deviation) prediction into two outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from common.data.io import Volume, hr_affine, load_volume, nifti_stem, save_volume
+from common.transforms.intensity import invert_normalization
+
+__all__ = ["volume_to_metatensor", "LoadVolumed", "SaveSRd", "SplitMeanStdd"]
+
+logger = logging.getLogger("common")
+
+
+def volume_to_metatensor(vol: Volume) -> MetaTensor:
+    """A channel-first (1, X, Y, Z) MetaTensor carrying the volume's RAS affine, path and orientation."""
+    meta = {
+        "affine": torch.as_tensor(vol.affine, dtype=torch.float64),
+        "filename_or_obj": vol.path,
+        "source_ornt": torch.as_tensor(vol.source_ornt),
+        "space": "RAS",
+    }
+    return MetaTensor(torch.from_numpy(vol.data)[None], meta=meta)
+
+
+class LoadVolumed(MapTransform):
+    """Load NIfTI paths with :func:`common.data.load_volume` (RAS, float32, checked) into MetaTensors.
+
+    Args:
+        keys: keys holding file paths.
+        min_shape: smallest volume the method accepts; smaller inputs stop with an error naming the file.
+    """
+
+    def __init__(self, keys: KeysCollection, min_shape: Sequence[int] = (1, 1, 1), allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.min_shape = tuple(min_shape)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = volume_to_metatensor(load_volume(d[key], self.min_shape))
+        return d
+
+
+class SaveSRd(MapTransform):
+    """Write SR predictions as ``<output_dir>/<input stem><suffix>.nii.gz`` on the HR grid.
+
+    The affine comes from the LR image's RAS affine by the half-voxel rule (the network's output would otherwise
+    inherit the LR geometry), intensities are mapped back to the input's units with the LR image's percentiles,
+    and each file is written float32, atomically, in the input's orientation, never over an input.
+
+    Args:
+        keys: the prediction keys, e.g. ("pred", "pred_std").
+        output_dir: folder for the results.
+        scale_factor: upsampling factor per RAS axis.
+        suffixes: one per key; default "_sr" for the first key and "_sr_<key minus 'pred_'>" for the others.
+        std_keys: keys holding a spread (standard deviation): mapped back by the scale alone, no offset.
+        ref_key: key of the LR input whose meta gives path, affine, orientation and percentiles.
+        denormalize: map [0, 1] back to the input's units (the contract's default).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        scale_factor: Sequence[int],
+        suffixes: Sequence[str] | None = None,
+        std_keys: KeysCollection = (),
+        ref_key: str = "image",
+        denormalize: bool = True,
+    ):
+        super().__init__(keys, allow_missing_keys=True)
+        self.output_dir = Path(output_dir)
+        self.scale_factor = tuple(int(f) for f in scale_factor)
+        if suffixes is None:
+            suffixes = ["_sr"] + [f"_sr_{k.removeprefix('pred_')}" for k in self.keys[1:]]
+        self.suffixes = dict(zip(self.keys, suffixes))
+        self.std_keys = {std_keys} if isinstance(std_keys, str) else set(std_keys)
+        self.ref_key, self.denormalize = ref_key, denormalize
+
+    def output_path(self, ref: MetaTensor, key: str) -> Path:
+        """Where the output of ``key`` for the input behind ``ref`` goes."""
+        stem = nifti_stem(ref.meta["filename_or_obj"])
+        return self.output_dir / f"{stem}{self.suffixes[key]}.nii.gz"
+
+    def __call__(self, data):
+        d = dict(data)
+        ref = d[self.ref_key]
+        affine = hr_affine(np.asarray(ref.affine, dtype=np.float64), self.scale_factor)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            arr = (pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)).detach().float()
+            arr = arr.cpu().numpy()[0]
+            if self.denormalize and "norm_lo" in ref.meta:
+                lo, hi = float(ref.meta["norm_lo"]), float(ref.meta["norm_hi"])
+                arr = arr * (hi - lo) if key in self.std_keys else invert_normalization(arr, lo, hi)
+            path = self.output_path(ref, key)
+            save_volume(
+                path, arr, affine, np.asarray(ref.meta["source_ornt"]), protect=[ref.meta["filename_or_obj"]]
+            )
+            logger.info("wrote %s", path)
+            d[f"{key}_path"] = str(path)
+        return d
+
+
+class SplitMeanStdd(MapTransform):
+    """Split a 2-channel (mean, standard deviation) prediction into ``key`` (mean) and ``<key>_std``.
+
+    One-channel predictions pass through unchanged, so one postprocessing chain serves K = 1 and K > 1.
+
+    Args:
+        keys: prediction keys, channel-first (C, *spatial).
+        std_suffix: suffix of the key that receives the standard deviation.
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", std_suffix: str = "_std") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.std_suffix = std_suffix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key].shape[0] == 2:
+                d[f"{key}{self.std_suffix}"], d[key] = d[key][1:2], d[key][0:1]
+        return d

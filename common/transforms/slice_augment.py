@@ -1,0 +1,165 @@
+"""Augmented 2.5D training patches: the LR conditioning is re-simulated from the augmented HR patch.
+
+Two training scans cannot show a network the range of contrasts and orientations users feed it (a skull-stripped
+contrast-enhanced scan puts brain tissue much higher on the [p1, p99] scale than an MPRAGE with scalp does).
+Augmenting the cached upsampled LR beside the HR would break the pair: block averaging does not commute with a
+gamma curve. :class:`RandResimulatedSlicePatchd` therefore draws the HR slice stack with a margin, augments it
+(slice axis, in-plane flips, gamma and contrast stretch, zeroed background, stripped scalp and skull), then
+degrades it with the bundle's LR simulation and upsamples it exactly as inference does, and only then crops the
+margin away. With no augmentation it returns the same patches as :class:`common.transforms.RandSlicePatchd` on
+the cached path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.transforms import Transform
+from torch import Tensor
+
+from common.transforms.degrade import BlockAverage
+from common.transforms.slices import RandSlicePatchd
+from common.transforms.upsample import GridUpsample
+from common.utils import plain_tensor
+
+__all__ = ["RandResimulatedSlicePatchd"]
+
+
+class RandResimulatedSlicePatchd(RandSlicePatchd):
+    """A random slice patch of the HR ``label`` with its LR conditioning stack simulated after augmentation.
+
+    Per patch: a slice axis from ``slice_axes`` (the volume is viewed with that axis first; ``0`` = sagittal as
+    inference), a foreground slice and an aligned crop as :class:`common.transforms.RandSlicePatchd`, the HR
+    slices at ``offsets`` taken with ``margin`` LR voxels of context; with probability ``strip_prob``, the voxels
+    less than a depth drawn from ``strip_depth_range`` inside the head zeroed (a skull-stripped scan); then, with
+    probability ``prob``, in-plane flips and the intensity map ``clip(stretch · x^gamma, 0, 1)`` (log-uniform
+    gamma, uniform stretch), and, with probability ``background_prob`` among those patches, a zeroed background;
+    then LR = ``degradation`` of each slice, upsampled with ``upsample_mode`` on the HR grid, and the margin
+    cropped.
+
+    Args:
+        patch_size: in-plane crop size (h, w); multiples of the in-plane factors.
+        offsets: neighbour offsets of the conditioning slices.
+        scale_factor: HR/LR factors (fx, fy, fz) or in-plane (fy, fz); only the in-plane ones are used.
+        degradation: LR simulation of a (1, slices, h, w) volume (block averaging by (1, fy, fz) when None).
+        upsample_mode: upsampling of the LR conditioning (cubic, as inference).
+        slice_axes: axes of the HR volume a slice may be drawn along (all three multiply the anatomy seen).
+        prob: probability of augmenting a patch (flips and intensity); 0 turns augmentation off.
+        gamma_range: range of the gamma exponent (log-uniform).
+        stretch_range: range of the contrast stretch factor (uniform), applied after gamma, then clipped.
+        background_prob: probability of zeroing the HR blocks whose mean is below a threshold drawn from
+            ``background_range`` (after the intensity map): a skull-stripped or masked scan's background, where
+            an LR voxel of exactly 0 means HR voxels of exactly 0. Without it the network, trained on scans with
+            a noise floor, paints a faint offset into such backgrounds.
+        background_range: range of that threshold on the [0, 1] scale.
+        strip_prob: probability of stripping a patch: zeroing the HR voxels whose depth inside the head
+            (``depth_key``, :class:`common.transforms.HeadDepthd`, in voxels) is below a depth drawn uniformly
+            from ``strip_depth_range``. Brain tissue cut against an exact zero is the hardest edge of a
+            skull-stripped scan, and scans with scalp never show it.
+        strip_depth_range: range of the stripping depth in voxels (scalp and skull are about 5-15 mm thick).
+        depth_key: key of the depth map (needed when ``strip_prob`` > 0).
+        margin: LR voxels of context on each side (>= the upsampling kernel's radius keeps crops exact).
+        kwargs: the other :class:`common.transforms.RandSlicePatchd` arguments.
+    """
+
+    def __init__(
+        self,
+        patch_size: Sequence[int],
+        offsets: Sequence[int] = (-1, 0),
+        scale_factor: Sequence[int] = (2, 2),
+        degradation: Transform | None = None,
+        upsample_mode: str = "cubic",
+        slice_axes: Sequence[int] = (0,),
+        prob: float = 0.0,
+        gamma_range: Sequence[float] = (1.0, 1.0),
+        stretch_range: Sequence[float] = (1.0, 1.0),
+        background_prob: float = 0.0,
+        background_range: Sequence[float] = (0.0, 0.1),
+        strip_prob: float = 0.0,
+        strip_depth_range: Sequence[float] = (4.0, 16.0),
+        depth_key: str = "head_depth",
+        margin: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(patch_size, offsets, scale_factor, **kwargs)
+        fy, fz = self.scale_factor
+        self.degradation = degradation if degradation is not None else BlockAverage((1, fy, fz))
+        self.upsample = GridUpsample((fy, fz), upsample_mode)
+        self.slice_axes = tuple(int(a) for a in slice_axes)
+        if not self.slice_axes or any(a not in (0, 1, 2) for a in self.slice_axes):
+            raise ValueError(f"slice_axes must be a non-empty subset of (0, 1, 2), got {slice_axes}")
+        self.prob, self.margin = float(prob), int(margin)
+        self.background_prob = float(background_prob)
+        self.background_range = tuple(float(t) for t in background_range)
+        self.gamma_range = tuple(float(g) for g in gamma_range)
+        self.stretch_range = tuple(float(s) for s in stretch_range)
+        self.strip_prob, self.depth_key = float(strip_prob), depth_key
+        self.strip_depth_range = tuple(float(t) for t in strip_depth_range)
+        if not 0.0 <= self.strip_prob <= 1.0 or min(self.strip_depth_range) < 0:
+            raise ValueError(f"strip_prob must be in [0, 1] and depths >= 0, got {strip_prob}, {strip_depth_range}")
+        if min(self.gamma_range) <= 0 or min(self.stretch_range) <= 0:
+            raise ValueError(f"gamma_range and stretch_range must be positive, got {gamma_range}, {stretch_range}")
+
+    def _augment(self, stack: Tensor) -> tuple[Tensor, list[bool]]:
+        """Random in-plane flips and intensity map of an HR stack (C, h, w) in [0, 1]; returns the flips made."""
+        flips = [bool(self.R.rand() < 0.5) for _ in range(2)]
+        for a, flip in enumerate(flips):
+            if flip:
+                stack = stack.flip(1 + a)
+        gamma = math.exp(self.R.uniform(*(math.log(g) for g in self.gamma_range)))
+        stretch = self.R.uniform(*self.stretch_range)
+        stack = (stack.clamp(0, 1) ** gamma * stretch).clamp(0, 1)
+        if self.background_prob > 0 and self.R.rand() < self.background_prob:
+            threshold = self.R.uniform(*self.background_range)
+            f = self.scale_factor
+            keep = torch.nn.functional.avg_pool2d(stack[None], f)[0] > threshold
+            stack = stack * keep.repeat_interleave(f[0], 1).repeat_interleave(f[1], 2)
+        return stack, flips
+
+    def _region(self, start: int, patch: int, size: int, f: int) -> tuple[int, int]:
+        """HR index range of a crop with ``margin`` LR voxels each side, inside the volume, on the block grid."""
+        lo = max(start - self.margin * f, 0)
+        hi = min(start + patch + self.margin * f, size - size % f)
+        return lo, hi
+
+    def _one_resimulated(self, hr: Tensor, fg_slices: Tensor, depth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # the usable in-plane extent: whole LR voxels only, as the degradation crops
+        usable = [hr.shape[1 + a] - hr.shape[1 + a] % self.scale_factor[a] for a in range(2)]
+        i, idx, starts = self._draw(hr, fg_slices, usable)
+        regions = [self._region(starts[a], self.patch_size[a], hr.shape[1 + a], self.scale_factor[a]) for a in range(2)]
+        # the conditioning slices, then the target slice last
+        crop = (idx + [i], slice(*regions[0]), slice(*regions[1]))
+        stack = hr[crop].float()
+        if self.strip_prob > 0 and self.R.rand() < self.strip_prob:
+            stack = stack * (depth[crop].float() >= self.R.uniform(*self.strip_depth_range))
+        inner = [starts[a] - regions[a][0] for a in range(2)]
+        extent = [min(self.patch_size[a], stack.shape[1 + a] - inner[a]) for a in range(2)]
+        if self.prob > 0 and self.R.rand() < self.prob:
+            stack, flips = self._augment(stack)
+            # a flip mirrors the crop inside its region (region and crop lengths are whole LR voxels)
+            inner = [stack.shape[1 + a] - inner[a] - extent[a] if flips[a] else inner[a] for a in range(2)]
+        with torch.no_grad():
+            cond = self.upsample(self.degradation(stack[:-1][None]))[0]
+        sl = tuple(slice(s, s + e) for s, e in zip(inner, extent))
+        label, cond = stack[-1][sl][None], cond[(slice(None),) + sl]
+        return self._pad(cond, label)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict | list[dict]:
+        d = dict(data)
+        volume = plain_tensor(d[self.label_key])[0]
+        fractions = d.get(self.foreground_key)
+        if self.strip_prob > 0 and self.depth_key not in d:
+            raise KeyError(f"strip_prob > 0 needs the head depth map '{self.depth_key}' (HeadDepthd)")
+        depth = plain_tensor(d[self.depth_key])[0] if self.strip_prob > 0 else None
+        out = []
+        for _ in range(self.num_samples):
+            axes = self.slice_axes
+            axis = axes[self.R.randint(len(axes))] if len(axes) > 1 else axes[0]
+            hr = volume.movedim(axis, 0)
+            depth_axis = depth.movedim(axis, 0) if depth is not None else None
+            cond, label = self._one_resimulated(hr, self._foreground_slices(hr, fractions, axis), depth_axis)
+            out.append({self.output_cond_key: cond, self.label_key: label})
+        return out if self.num_samples > 1 else out[0]

@@ -1,0 +1,36 @@
+"""Datalists and the embedded sample (common.data.datalists)."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from common.data.datalists import build_datalist, embedded_sample_path, inference_datalist
+from common.data.io import VolumeError, load_volume
+
+
+def test_datalists(tmp_path):
+    for name in ["a", "b", "c"]:
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    cov = tmp_path / "cov.csv"
+    cov.write_text("subject,age,sex\na,30,F\nb,40,M\n")
+    dl = build_datalist(tmp_path, val_subjects=["c"], covariates=cov)
+    assert [it["subject"] for it in dl["training"]] == ["a", "b"]
+    assert dl["training"][1]["age"] == "40" and dl["validation"][0]["subject"] == "c"
+    assert len(build_datalist(tmp_path, num_val=1)["validation"]) == 1
+    with pytest.raises(VolumeError, match="not found"):
+        build_datalist(tmp_path, val_subjects=["zzz"])
+    assert [d["image"].endswith(".nii.gz") for d in inference_datalist(str(tmp_path))] == [True] * 3
+    with pytest.raises(VolumeError, match="smaller"):
+        inference_datalist(str(tmp_path), min_shape=(8, 8, 8))
+
+
+def test_embedded_sample_is_the_mni_template(mri_dir):
+    path = embedded_sample_path()
+    vol = load_volume(path)
+    manifest = json.loads((mri_dir / "manifest.json").read_text())
+    tmpl = next(v for v in manifest["volumes"] if v["file"].startswith("tmpl_mni152"))
+    assert vol.data.shape == tuple(tmpl["shape"])
+    assert inference_datalist(None)[0]["label"] == str(path)

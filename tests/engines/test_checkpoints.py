@@ -1,0 +1,100 @@
+"""Checkpoints (common.engines.checkpoints): newest checkpoint, resume, final weights, export."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from common.engines.checkpoints import (
+    EngineCheckpointSaver,
+    FinalWeightsSaver,
+    ResumeFromLatest,
+    checkpoint_to_weights,
+    latest_checkpoint,
+)
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "checkpoint_epoch=9.pt"], "checkpoint_epoch=10.pt"),
+        (["checkpoint_iteration=300.pt", "checkpoint_iteration=1200.pt"], "checkpoint_iteration=1200.pt"),
+        (["checkpoint_a.pt", "checkpoint_b.pt"], "checkpoint_b.pt"),  # no numbers: the newest file
+        (["best_model.pt"], None),
+        ([], None),
+    ],
+)
+def test_latest_checkpoint(tmp_path, names, expected):
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (time.time() + i, time.time() + i))
+    found = latest_checkpoint(tmp_path)
+    assert (found.name if found else None) == expected
+    assert latest_checkpoint(tmp_path / "missing") is None and latest_checkpoint(None) is None
+
+
+def _trainer(net, opt, max_epochs):
+    def step(engine, batch):
+        opt.zero_grad()
+        loss = net(batch).pow(2).mean()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return Engine(step)
+
+
+def test_resume_from_latest_restores_network_optimizer_and_epoch(tmp_path):
+    torch.manual_seed(0)
+    data = [torch.randn(4, 3) for _ in range(3)]
+    net = nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = _trainer(net, opt, 2)
+    EngineCheckpointSaver(str(tmp_path), {"network": net, "optimizer": opt}, save_interval=1, n_saved=2).attach(trainer)
+    trainer.run(data, max_epochs=2)
+    assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=2.pt"
+
+    fresh = nn.Linear(3, 2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    resumed = _trainer(fresh, fresh_opt, 3)
+    resume = ResumeFromLatest(tmp_path, {"network": fresh, "optimizer": fresh_opt})
+    resume.attach(resumed)
+    epochs = []
+    resumed.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+    before = None
+
+    @resumed.on(Events.STARTED)
+    def _check(engine):
+        nonlocal before
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+
+    resumed.run(data, max_epochs=3)
+    assert resume.loaded.name == "checkpoint_epoch=2.pt"
+    assert epochs == [3]  # only the remaining epoch ran
+    for k, v in torch.load(resume.loaded, weights_only=True)["network"].items():
+        torch.testing.assert_close(before[k], v)
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    net = nn.Linear(3, 2)
+    engine = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), 1)
+    resume = ResumeFromLatest(tmp_path / "none", {"network": net})
+    resume.attach(engine)
+    engine.run([torch.randn(2, 3)], max_epochs=1)
+    assert resume.loaded is None and engine.state.epoch == 1
+
+
+def test_final_weights_and_checkpoint_export(tmp_path):
+    net = nn.Linear(3, 2)
+    FinalWeightsSaver(net, tmp_path / "sub" / "model.pt")()
+    state = torch.load(tmp_path / "sub" / "model.pt", weights_only=True)
+    torch.testing.assert_close(state["weight"], net.weight.detach())
+    torch.save({"network": net.state_dict(), "optimizer": {}}, tmp_path / "ckpt.pt")
+    out = checkpoint_to_weights(tmp_path / "ckpt.pt", tmp_path / "w.pt")
+    assert set(torch.load(out, weights_only=True)) == {"weight", "bias"}
+    assert not [p for p in (tmp_path / "sub").iterdir() if p.name.startswith(".")]

@@ -1,0 +1,62 @@
+"""The benchmark command on a small synthetic volume with the interpolation bundle (no weights needed)."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from common.evaluation import bench
+
+
+@pytest.fixture
+def hr_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = np.zeros((10, 24, 20), np.float32)
+    vol[2:8, 4:20, 4:16] = rng.uniform(50, 100, (6, 16, 12))
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "s1.nii.gz")
+    return tmp_path
+
+
+def test_parse_bundle_spec():
+    assert bench.parse_bundle_spec("b:mode=cubic,num_steps=4,scale_factor=[1,2,2]") == (
+        "b", {"mode": "cubic", "num_steps": 4, "scale_factor": [1, 2, 2]})
+
+
+@pytest.mark.parametrize("pad_to, shape", [(None, "10x24x20"), ((16, 16, 32), "16x24x32")])
+def test_run_rows(hr_folder, pad_to, shape):
+    files = sorted(hr_folder.glob("*.nii.gz"))
+    cubic, linear = bench.run(["brain_mri_interpolation_super_resolution:mode=cubic",
+                               "brain_mri_interpolation_super_resolution:mode=linear"], files, pad_to=pad_to)
+    assert cubic["shape"] == linear["shape"] == shape
+    assert cubic["delta_psnr_mask"] == pytest.approx(0.0, abs=1e-6)  # cubic is the baseline itself
+    assert linear["psnr"] != cubic["psnr"] and cubic["peak_rss_mb"] > 0
+    table = bench.format_table([cubic, linear])
+    assert table.count("\n") == 3 and "PSNR mask" in table
+
+
+def test_extra_config_files(tmp_path):
+    """``config=`` merges a bundle's extra config after inference.json (the 2.5D regression baseline)."""
+    parser = bench.load_bundle("brain_mri_edm25d_super_resolution", {"config": "configs/regression.json",
+                                                                     "model_path": str(tmp_path / "w.pt")})
+    assert type(parser.get_parsed_content("network_def")).__name__ == "RegressionSR"
+    with pytest.raises(SystemExit, match="nope.json"):
+        bench.load_bundle("brain_mri_edm25d_super_resolution", {"config": "configs/nope.json"})
+
+
+def test_edge_gains_split_the_mask():
+    """SR = bicubic in the 2-voxel boundary band and closer to HR inside: no gain at the edge, a gain inside."""
+    rng = np.random.default_rng(0)
+    hr = np.zeros((12, 12, 12), np.float32)
+    hr[1:11, 1:11, 1:11] = rng.uniform(0.2, 1.0, (10, 10, 10))
+    mask = hr > 0
+    bicubic = hr + rng.normal(0, 0.05, hr.shape).astype(np.float32)
+    depth_inner = np.zeros_like(mask)
+    depth_inner[3:9, 3:9, 3:9] = True  # depth > 2 inside the 10-voxel cube
+    sr = np.where(depth_inner, hr + (bicubic - hr) / 2, bicubic)
+    gains = bench.edge_gains({"SR": sr, "bicubic": bicubic, "HR": hr}, mask, 2)
+    assert gains["delta_psnr_edge"] == pytest.approx(0.0, abs=1e-9)
+    assert gains["delta_psnr_inner"] == pytest.approx(20 * np.log10(2), abs=1e-3)  # half the error: +6.02 dB
+    table = bench.format_table([{"bundle": "b", **gains}])
+    assert "Δ PSNR edge" in table and "+6.02" in table
+    # a mask with no voxel outside (a crop inside the head) has no boundary band
+    inside = bench.edge_gains({"SR": sr, "bicubic": bicubic, "HR": hr}, np.ones_like(mask), 2)
+    assert "delta_psnr_edge" not in inside and "delta_psnr_inner" in inside
