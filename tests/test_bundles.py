@@ -8,6 +8,7 @@ and a two-process CPU run of multi_gpu_train.json; the overrides for those tiny 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -80,6 +82,20 @@ def test_bundle_files(bundle):
     if (bundle / "configs" / "train.json").is_file():
         for rel in ["configs/evaluate.json", "configs/multi_gpu_train.json", "models/model.pt"]:
             assert (bundle / rel).is_file(), f"{bundle.name}: a learned bundle needs {rel}"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=IDS)
+def test_large_files_hashes(bundle):
+    """Every weights file in models/ is listed in large_files.yml, and each listed file has the listed sha256."""
+    entries = yaml.safe_load((bundle / "large_files.yml").read_text()).get("large_files") or []
+    listed = {e["path"] for e in entries}
+    shipped = {f"models/{p.name}" for p in (bundle / "models").glob("*.pt")} if (bundle / "models").is_dir() else set()
+    assert shipped <= listed, f"{bundle.name}: weights not in large_files.yml: {sorted(shipped - listed)}"
+    for entry in entries:
+        path = bundle / entry["path"]
+        assert path.is_file(), f"{bundle.name}: large_files.yml lists a missing file {entry['path']}"
+        assert entry["hash_type"] == "sha256"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["hash_val"], f"{path}: sha256 differs"
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=IDS)
@@ -182,7 +198,7 @@ def test_embedded_sample_demo(bundle, tmp_path):
     for suffix in ["_sr.nii.gz", "_lr.nii.gz", "_preview.png", "_metrics.json"]:
         assert (out_dir / f"{stem}{suffix}").is_file(), suffix
     scores = json.loads((out_dir / f"{stem}_metrics.json").read_text())
-    assert scores["sr"]["psnr_mask"] > 20 and scores["bicubic"]["psnr_mask"] > 20
+    assert scores["sr"]["psnr_mask"] > 20 and scores["bspline"]["psnr_mask"] > 20 and scores["reference"] == "bspline"
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=IDS)
@@ -200,6 +216,8 @@ def test_evaluate(bundle, small_volume, tmp_path):
     assert table["subjects"][0]["subject"] == "crop_dev03" and table["mean"]["psnr_mask"] > 15
     for fig in ["bars.png", "three_view.png", "error_heatmap.png", "per_slice_psnr.png", "per_subject_psnr.png"]:
         assert (out_dir / fig).stat().st_size > 1000, fig
+    for baseline in ("bspline", "cubic"):  # the reference interpolant and Keys cubic, beside the method
+        assert json.loads((out_dir / f"{baseline}_per_subject.json").read_text())["mean"]["psnr_mask"] > 15
 
 
 @pytest.fixture(scope="module")

@@ -77,8 +77,10 @@ class ExponentialMovingAverage:
     ``ema ← d·ema + (1 − d)·θ`` for floating-point parameters and buffers (other buffers are copied), with
     ``d = decay`` or, with ``warmup``, ``min(decay, (1 + n)/(10 + n))`` after ``n`` updates (so a short run is not
     dominated by the initial weights). ``model`` is the EMA network (eval mode, no gradients): give it to the
-    validator and to :class:`common.engines.FinalWeightsSaver`; put the handler itself in the checkpoint's
-    ``save_dict``/``load_dict`` (it has ``state_dict``/``load_state_dict``) so a resumed run keeps its average.
+    validator and to :class:`common.engines.FinalWeightsSaver`. At the engine's start, before any update, the copy is
+    taken again, so weights loaded when training starts (fine-tuning) are where the average begins. Put the handler
+    itself in the checkpoint's ``save_dict``/``load_dict`` (it has ``state_dict``/``load_state_dict``) so a resumed
+    run keeps its average.
 
     Args:
         network: the trained network (a DDP wrapper is unwrapped; it is deep-copied once).
@@ -116,7 +118,15 @@ class ExponentialMovingAverage:
                 v.copy_(s)
         self.num_updates += 1
 
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Restart the average at the network's current weights (before any update)."""
+        self.model.load_state_dict(unwrap_module(self.network).state_dict())
+
     def attach(self, engine: Engine) -> None:
+        # a fine-tuning run loads its initial weights at STARTED (ResumeFromLatest, attached first): the average
+        # starts there, not at the weights the network had when this handler was built; a resumed run has updates
+        engine.add_event_handler(Events.STARTED, lambda _: self.sync() if self.num_updates == 0 else None)
         engine.add_event_handler(self.event, lambda _: self.update())
 
     def state_dict(self) -> dict:

@@ -1,13 +1,15 @@
 """The benchmark command: run chosen bundles on HR volumes under a stated degradation and print one table.
 
-    python -m common.evaluation.bench --bundles brain_mri_interpolation_super_resolution \
-        "brain_mri_interpolation_super_resolution:mode=bspline" --data ../shared/data/mri \
-        --subjects dev01_siemens_trio_3T_mprage --degradation block --scale 1 2 2 --slices 96
+    python -m common.evaluation.bench --bundles brain_mri_edm25d_super_resolution \
+        "brain_mri_interpolation_super_resolution:mode=linear" --data ../shared/data/mri \
+        --subjects dev03_mr_gd_skullstripped_ce_t1 --degradation block --scale 1 2 2 --slices 96 --per_subject
 
 Each bundle runs through its own inference config (its ``network`` and ``inferer``), so the numbers are those of
 what users run. A ``:key=value,key=value`` suffix overrides config ids. Quality comes from the one metric path
 (:func:`common.evaluation.score_sr`): PSNR/SSIM on the HR's [0, 1] scale over non-empty slices and inside the head
-mask, with the gain over grid-aligned bicubic of the same LR input. Time is the inferer call alone; memory is the
+mask, with the gain over the grid-aligned cubic B-spline of the same LR input (the stronger interpolant; Keys cubic
+convolution is printed as a row of its own). Rows are means over the volumes; ``--per_subject`` adds one row per
+volume above each mean. Time is the inferer call alone; memory is the
 process's peak resident set during it (Linux VmHWM, reset before each volume). ``--edge`` splits the head-mask
 gain into the mask's boundary band (voxels within ``edge_width`` of the outside: where a skull-stripped brain
 meets its zero background) and the interior.
@@ -31,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.data.io import list_nifti, load_volume, nifti_stem
 from common.evaluation import metrics
-from common.evaluation.scoring import score_sr
+from common.evaluation.scoring import BASELINES, REFERENCE, score_sr
 from common.transforms import degrade
 from common.transforms.intensity import PercentileNormalize, invert_normalization
 from common.transforms.mask import mask_depth
@@ -42,6 +44,7 @@ __all__ = [
     "load_bundle",
     "peak_rss_reset",
     "peak_rss_mb",
+    "predict",
     "run",
     "edge_gains",
     "format_table",
@@ -114,7 +117,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _predict(parser: ConfigParser, lr01: torch.Tensor, count_flops: bool) -> tuple[torch.Tensor, float, float]:
+def predict(parser: ConfigParser, lr01: torch.Tensor, count_flops: bool = False) -> tuple[torch.Tensor, float, float]:
+    """The bundle's ``network`` and ``inferer`` on one LR volume (1, x, y, z) in [0, 1]: the SR volume (1, X, Y, Z),
+    the seconds of the inferer call, and its FLOPs (one extra counted pass; NaN unless ``count_flops``)."""
     network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("inferer")
     device = parser.get_parsed_content("device")
     network.eval()
@@ -131,6 +136,29 @@ def _predict(parser: ConfigParser, lr01: torch.Tensor, count_flops: bool) -> tup
     return torch.as_tensor(pred)[0].float().cpu(), seconds, flops
 
 
+def _quality(summary: dict, reference: dict) -> dict:
+    """The table's quality columns of one summary, with its gains over the ``reference`` summary."""
+    return {
+        "psnr": summary["psnr"], "ssim2d": summary["ssim2d"],
+        "psnr_mask": summary["psnr_mask"], "ssim2d_mask": summary["ssim2d_mask"],
+        "delta_psnr_mask": summary["psnr_mask"] - reference["psnr_mask"],
+        "delta_ssim2d_mask": summary["ssim2d_mask"] - reference["ssim2d_mask"],
+    }
+
+
+def _mean_row(name: str, per_volume: list[dict]) -> dict:
+    """One row for ``per_volume`` (means; the largest peak memory); subject "mean" when there are several, shape
+    "various" when their shapes differ."""
+    shapes = {v["shape"] for v in per_volume}
+    row = {"bundle": name, "subject": "mean" if len(per_volume) > 1 else per_volume[0]["subject"],
+           "volumes": len(per_volume), "shape": shapes.pop() if len(shapes) == 1 else "various"}
+    for key in per_volume[0]:
+        if key not in ("shape", "subject", "bundle"):
+            values = [v[key] for v in per_volume]
+            row[key] = max(values) if key == "peak_rss_mb" else float(np.mean(values))
+    return row
+
+
 def run(
     bundles: Sequence[str],
     files: Sequence[Path],
@@ -140,12 +168,15 @@ def run(
     count_flops: bool = False,
     pad_to: Sequence[int] | None = None,
     edge_width: float | None = None,
+    per_subject: bool = False,
 ) -> list[dict]:
-    """Benchmark rows, one per bundle (means over the volumes); ``pad_to`` zero-pads each HR volume, centred, to at
-    least that shape (e.g. 256³ for speed and memory at a fixed size); ``edge_width`` (voxels) adds the gains over
-    bicubic in the head mask's boundary band and interior (:func:`edge_gains`)."""
-    rows = []
-    for spec in bundles:
+    """Benchmark rows: first the interpolation baselines of :data:`common.evaluation.BASELINES` (scored on the same
+    LR inputs as the bundles, no timings), then one row per bundle (means over the volumes), each preceded by one
+    row per volume when ``per_subject``. Gains are over the cubic B-spline. ``pad_to`` zero-pads each HR volume,
+    centred, to at least that shape (e.g. 256³ for speed and memory at a fixed size); ``edge_width`` (voxels) adds
+    the gains in the head mask's boundary band and interior (:func:`edge_gains`)."""
+    rows, baseline_rows = [], {mode: [] for mode in BASELINES}
+    for b, spec in enumerate(bundles):
         name, overrides = parse_bundle_spec(spec)
         overrides.setdefault("scale_factor", list(scale))
         parser = load_bundle(name, overrides)
@@ -163,49 +194,57 @@ def run(
             lr01 = PercentileNormalize(clip=bool(parser.get("clip", True)))(lr)
             lo, hi = np.percentile(lr.numpy(), [1, 99])
             peak_rss_reset()
-            pred, seconds, flops = _predict(parser, lr01, count_flops)
+            pred, seconds, flops = predict(parser, lr01, count_flops)
             peak = peak_rss_mb()
             sr = invert_normalization(pred.numpy(), float(lo), float(hi))
-            scored = score_sr(sr, hr, lr, scale, DEGRADATIONS[degradation](scale), subject=nifti_stem(path))
+            subject = nifti_stem(path)
+            scored = score_sr(sr, hr, lr, scale, DEGRADATIONS[degradation](scale), subject=subject)
+            shape = "x".join(str(s) for s in sr.shape[-3:])
             per_volume.append(
                 {
-                    "psnr": scored.sr["psnr"], "ssim2d": scored.sr["ssim2d"],
-                    "psnr_mask": scored.sr["psnr_mask"], "ssim2d_mask": scored.sr["ssim2d_mask"],
-                    "delta_psnr_mask": scored.sr["psnr_mask"] - scored.bicubic["psnr_mask"],
-                    "delta_ssim2d_mask": scored.sr["ssim2d_mask"] - scored.bicubic["ssim2d_mask"],
+                    "bundle": spec, "subject": subject, "shape": shape, **_quality(scored.sr, scored.reference),
                     "s_per_volume": seconds, "s_per_slice": seconds / sr.shape[1 if sr.ndim == 4 else 0],
                     "peak_rss_mb": peak, "gflop_per_s": flops / seconds / 1e9,
-                    "shape": "x".join(str(s) for s in sr.shape[-3:]),
                 }
             )
             if edge_width:
                 per_volume[-1].update(edge_gains(scored.volumes, scored.mask, edge_width))
-        row = {"bundle": spec, "volumes": len(per_volume), "shape": per_volume[0]["shape"]}
-        for key in per_volume[0]:
-            if key != "shape":
-                row[key] = float(np.mean([v[key] for v in per_volume])) if key != "peak_rss_mb" else max(
-                    v[key] for v in per_volume
-                )
-        rows.append(row)
-    return rows
+            if b == 0:  # the baselines depend only on the LR input: score them once
+                for mode in BASELINES:
+                    baseline_rows[mode].append(
+                        {"bundle": f"interpolation: {BASELINES[mode]}", "subject": subject, "shape": shape,
+                         **_quality(scored.baselines[mode], scored.reference)}
+                    )
+        if per_subject and len(per_volume) > 1:
+            rows += per_volume
+        rows.append(_mean_row(spec, per_volume))
+    head = []
+    for mode in BASELINES:
+        if per_subject and len(baseline_rows[mode]) > 1:
+            head += baseline_rows[mode]
+        if baseline_rows[mode]:
+            head.append(_mean_row(f"interpolation: {BASELINES[mode]}", baseline_rows[mode]))
+    return head + rows
 
 
 def edge_gains(volumes: dict, mask: np.ndarray, width: float) -> dict:
-    """PSNR gains of ``volumes["SR"]`` over ``volumes["bicubic"]`` (both against ``volumes["HR"]``, [0, 1] scale) in
-    the band of ``mask`` within ``width`` voxels of its outside and in the rest of the mask."""
+    """PSNR gains of ``volumes["SR"]`` over the reference baseline ``volumes["bspline"]`` (both against
+    ``volumes["HR"]``, [0, 1] scale) in the band of ``mask`` within ``width`` voxels of its outside and in the rest
+    of the mask."""
     depth = mask_depth(mask)
     out = {}
     for name, region in (("edge", mask & (depth <= width)), ("inner", depth > width)):
         if region.any():
-            sr, bic = (metrics.psnr(volumes[k], volumes["HR"], mask=region) for k in ("SR", "bicubic"))
-            out[f"delta_psnr_{name}"] = sr - bic
+            sr, ref = (metrics.psnr(volumes[k], volumes["HR"], mask=region) for k in ("SR", REFERENCE))
+            out[f"delta_psnr_{name}"] = sr - ref
     return out
 
 
 COLUMNS = [
-    ("bundle", "bundle", "{}"), ("shape", "SR shape", "{}"), ("psnr", "PSNR", "{:.2f}"), ("ssim2d", "SSIM", "{:.4f}"),
+    ("bundle", "bundle", "{}"), ("subject", "subject", "{}"), ("shape", "SR shape", "{}"),
+    ("psnr", "PSNR", "{:.2f}"), ("ssim2d", "SSIM", "{:.4f}"),
     ("psnr_mask", "PSNR mask", "{:.2f}"), ("ssim2d_mask", "SSIM mask", "{:.4f}"),
-    ("delta_psnr_mask", "Δ PSNR vs bicubic", "{:+.2f}"), ("delta_ssim2d_mask", "Δ SSIM vs bicubic", "{:+.4f}"),
+    ("delta_psnr_mask", "Δ PSNR vs B-spline", "{:+.2f}"), ("delta_ssim2d_mask", "Δ SSIM vs B-spline", "{:+.4f}"),
     ("s_per_volume", "s/volume", "{:.2f}"), ("s_per_slice", "s/slice", "{:.4f}"),
     ("gflop_per_s", "GFLOP/s", "{:.1f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}"),
 ]
@@ -241,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--flops", action="store_true", help="count FLOPs (one extra pass) to report GFLOP/s")
     ap.add_argument("--edge", type=float, default=None, metavar="WIDTH",
                     help="also report the gain in the head mask's boundary band of this width (voxels) and inside it")
+    ap.add_argument("--per_subject", action="store_true", help="one row per volume above each bundle's mean row")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -251,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         missing = set(args.subjects) - {nifti_stem(f) for f in files}
         if missing:
             raise SystemExit(f"error: {args.data}: subjects not found: {sorted(missing)}")
-    rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to, args.edge)
+    rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to, args.edge,
+               args.per_subject)
     print(f"degradation: {args.degradation} x{args.scale}; slices: {args.slices or 'all'}; "
           f"padded to: {args.pad_to or 'no'}; "
           f"volumes: {', '.join(nifti_stem(f) for f in files)}; torch threads: {torch.get_num_threads()}")

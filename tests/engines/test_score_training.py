@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from common.diffusion.vesde import dsm_loss, sigma_max_rule
 from common.engines.score import ExponentialMovingAverage, VESDEPrepareBatch
@@ -145,6 +145,30 @@ def test_ema_handler_follows_training_with_ddp_style_wrapper():
     assert ema.num_updates == 5
     assert not torch.equal(ema.model.weight, net.weight)  # lags behind
     assert (ema.model.weight - net.weight).abs().max() < 0.5
+
+
+def test_ema_starts_at_weights_loaded_when_training_starts():
+    """Fine-tuning: weights loaded at STARTED (by a handler attached before the EMA) are where the average begins;
+    a resumed average (updates > 0) is kept."""
+    net = torch.nn.Linear(2, 1)
+    ema = ExponentialMovingAverage(net, decay=0.9)
+    engine = Engine(lambda e, b: None)
+
+    @engine.on(Events.STARTED)
+    def load_init_weights(_):
+        with torch.no_grad():
+            net.weight.fill_(3.0)
+
+    ema.attach(engine)
+    engine.run([0], max_epochs=1)
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 3.0))
+    resumed = ExponentialMovingAverage(net, decay=0.9)
+    resumed.load_state_dict({"model": torch.nn.Linear(2, 1).state_dict(), "num_updates": 7})
+    kept = resumed.model.weight.clone()
+    engine = Engine(lambda e, b: None)
+    resumed.attach(engine)
+    engine.run([0], max_epochs=1)  # no restart of the average, then one update towards the network
+    torch.testing.assert_close(resumed.model.weight, 0.9 * kept + 0.1 * net.weight)
 
 
 def test_sigma_max_rule_on_the_training_crops(hr_items):

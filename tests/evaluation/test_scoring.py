@@ -39,13 +39,19 @@ def test_units_survive_clipping(hr_path, clip):
     np.testing.assert_allclose(lr, np.asarray(expected)[0], rtol=1e-5, atol=1e-3)
 
 
-def test_bicubic_baseline_scores_equal(hr_path):
+@pytest.mark.parametrize("mode", ["bspline", "cubic"])
+def test_interpolation_baselines_score_equal(hr_path, mode):
+    """An SR volume equal to a baseline scores as that baseline; the gains are over the cubic B-spline."""
     item = inference_preprocessing((1, 2, 2))({"label": str(hr_path)})
     lr = np.asarray(item["image_units"])[0]
     hr = np.asarray(item["label"])[0]
-    bicubic = GridUpsample((1, 2, 2), "cubic")(torch.from_numpy(lr)[None, None])[0, 0].numpy()
-    scored = score_sr(bicubic, hr, lr, (1, 2, 2), subject="s")
-    assert scored.sr["psnr"] == pytest.approx(scored.bicubic["psnr"])
-    assert scored.as_json()["delta_psnr"] == pytest.approx(0.0, abs=1e-9)
+    up = GridUpsample((1, 2, 2), mode)(torch.from_numpy(lr)[None, None])[0, 0].numpy()
+    scored = score_sr(up, hr, lr, (1, 2, 2), subject="s")
+    assert scored.sr["psnr"] == pytest.approx(scored.baselines[mode]["psnr"])
+    assert scored.gains(mode)["delta_psnr"] == pytest.approx(0.0, abs=1e-9)
+    reference = scored.as_json()
+    assert reference["reference"] == "bspline" and set(reference) >= {"bspline", "cubic", "sr"}
+    expected = 0.0 if mode == "bspline" else scored.baselines["cubic"]["psnr"] - scored.baselines["bspline"]["psnr"]
+    assert reference["delta_psnr"] == pytest.approx(expected, abs=1e-9)
     better = score_sr(hr, hr, lr, (1, 2, 2), subject="s")
     assert better.as_json()["delta_psnr_mask"] > 0
