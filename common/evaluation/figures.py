@@ -131,13 +131,15 @@ def bar_chart(
 
 def _three_view_figure(
     volumes: Mapping[str, Any], index: Sequence[int] | None, window: tuple[float, float] | None, panel: float,
-    title: str | None,
+    title: str | None, spacing: Sequence[float] | None = None,
 ) -> Figure:
     if not volumes:
         raise ValueError("three_view needs at least one volume")
     vols = {name: _volume(v, name) for name, v in volumes.items()}
     if index is not None and len(index) != 3:
         raise ValueError(f"index must be (sagittal, coronal, axial) slice numbers, got {index}")
+    if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+        raise ValueError(f"spacing must be three positive voxel sizes (RAS axes), got {spacing}")
     if window is None:  # one robust window for every panel, so intensities compare across rows
         window = (min(float(np.percentile(v, 0.5)) for v in vols.values()),
                   max(float(np.percentile(v, 99.5)) for v in vols.values()))
@@ -147,8 +149,11 @@ def _three_view_figure(
         centre = [s // 2 for s in vol.shape] if index is None else [int(i) for i in index]
         for c, view in enumerate(_VIEWS):
             ax = axes[r, c]
+            # the plane's columns run along the first remaining axis, its rows along the second (see _plane)
+            across, up = (a for a in range(3) if a != c)
+            aspect = 1.0 if spacing is None else spacing[up] / spacing[across]
             ax.imshow(_plane(vol, c, centre[c]), cmap="gray", origin="lower", vmin=window[0], vmax=window[1],
-                      interpolation="nearest")
+                      interpolation="nearest", aspect=aspect)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -162,7 +167,7 @@ def _three_view_figure(
 
 def three_view(
     volumes: Mapping[str, Any], path: str | Path, index: Sequence[int] | None = None,
-    window: tuple[float, float] | None = (0.0, 1.0), title: str | None = None,
+    window: tuple[float, float] | None = (0.0, 1.0), title: str | None = None, spacing: Sequence[float] | None = None,
 ) -> Path:
     """Sagittal, coronal and axial slices (columns) of each volume (rows), grey, one window for all.
 
@@ -172,8 +177,10 @@ def three_view(
         index: (sagittal, coronal, axial) slice numbers used for every volume; None: each volume's centre.
         window: display range (vmin, vmax); None: 0.5th-99.5th percentile over all volumes.
         title: optional figure title.
+        spacing: voxel size per RAS axis (mm), so anisotropic volumes show their true proportions; None: square
+            voxels.
     """
-    return _save(_three_view_figure(volumes, index, window, 2.4, title), path)
+    return _save(_three_view_figure(volumes, index, window, 2.4, title, spacing), path)
 
 
 def preview(volumes: Mapping[str, Any], path: str | Path, window: tuple[float, float] | None = (0.0, 1.0)) -> Path:

@@ -17,6 +17,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.data.io import load_volume, nifti_stem
@@ -47,7 +48,8 @@ def real_input_figure(
     name, overrides = parse_bundle_spec(spec)
     overrides.setdefault("scale_factor", list(scale))
     parser = load_bundle(name, overrides)
-    lr = torch.from_numpy(load_volume(path).data)[None]
+    volume = load_volume(path)
+    lr = torch.from_numpy(volume.data)[None]
     lr01 = torch.as_tensor(PercentileNormalize(clip=bool(parser.get("clip", True)))(lr))
     sr, seconds, _ = predict(parser, lr01)
     upsampled = {mode: GridUpsample(scale, mode)(lr01[None])[0] for mode in ("nearest", "bspline")}
@@ -65,6 +67,7 @@ def real_input_figure(
             f"SR (DC {consistency['sr']:.4f})": sr[0].numpy(),
         },
         output,
+        spacing=[float(np.linalg.norm(volume.affine[:3, a])) / f for a, f in enumerate(scale)],  # the HR grid's
         title=f"{label} on {stem}, x{'x'.join(str(f) for f in scale)}; DC = ‖A(·) − LR‖/‖LR‖",
     )
     return {"bundle": spec, "input": stem, "data_consistency": consistency, "seconds": seconds, "figure": str(output)}

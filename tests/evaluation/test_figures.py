@@ -67,6 +67,17 @@ def test_three_view(tmp_path, scored, index):
     assert h > w * 0.8  # three rows of three roughly square panels
 
 
+@pytest.mark.parametrize("spacing, ratio", [(None, 0.5), ((2.0, 1.0, 1.0), 1.0)])
+def test_three_view_spacing(tmp_path, spacing, ratio):
+    """8 voxels of 2 mm by 16 of 1 mm: the coronal panel is half as wide as tall on square voxels, square in mm."""
+    path = report.three_view({"v": np.zeros((8, 16, 16), np.float32)}, tmp_path / "s.png", spacing=spacing)
+    img = matplotlib.image.imread(path)[..., :3].mean(axis=2)
+    middle = img[:, img.shape[1] // 3: 2 * img.shape[1] // 3] < 0.1  # the coronal column: black where the volume is
+    r, c = (int(np.median(i)) for i in np.nonzero(middle))  # the panel's centre (titles are small beside it)
+    width, height = middle[r].sum(), middle[:, c].sum()
+    assert width / height == pytest.approx(ratio, rel=0.1)
+
+
 def test_three_view_orientation(tmp_path):
     """A bright voxel block at high Z must appear in the top half of the sagittal panel (superior up)."""
     vol = np.zeros((16, 16, 16), np.float32)
