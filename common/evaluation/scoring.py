@@ -3,7 +3,8 @@
 Every path goes through :func:`score_sr`: SR and HR are put on the HR volume's 1st/99th-percentile [0, 1] scale,
 scored with :mod:`common.evaluation.metrics` (whole non-empty slices and inside the head mask), and compared with the
 grid-aligned interpolations of the same LR input: the cubic B-spline, the stronger interpolant and the reference of
-every gain (``delta_*``), and Keys cubic convolution ("bicubic", 0.2-0.3 dB weaker on real scans), kept as a row.
+every gain (``delta_*``), and Keys cubic convolution ("bicubic"; 0.4-0.6 dB weaker in the head mask on the
+validation people at x2), kept as a row.
 """
 
 from __future__ import annotations
