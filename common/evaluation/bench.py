@@ -159,6 +159,11 @@ def _mean_row(name: str, per_volume: list[dict]) -> dict:
     return row
 
 
+def _rows(name: str, per_volume: list[dict], per_subject: bool) -> list[dict]:
+    """The mean row of ``per_volume``, preceded by the volumes' own rows when ``per_subject`` and there are several."""
+    return (per_volume if per_subject and len(per_volume) > 1 else []) + [_mean_row(name, per_volume)]
+
+
 def run(
     bundles: Sequence[str],
     files: Sequence[Path],
@@ -215,15 +220,9 @@ def run(
                         {"bundle": f"interpolation: {BASELINES[mode]}", "subject": subject, "shape": shape,
                          **_quality(scored.baselines[mode], scored.reference)}
                     )
-        if per_subject and len(per_volume) > 1:
-            rows += per_volume
-        rows.append(_mean_row(spec, per_volume))
-    head = []
-    for mode in BASELINES:
-        if per_subject and len(baseline_rows[mode]) > 1:
-            head += baseline_rows[mode]
-        if baseline_rows[mode]:
-            head.append(_mean_row(f"interpolation: {BASELINES[mode]}", baseline_rows[mode]))
+        rows += _rows(spec, per_volume, per_subject)
+    head = [r for mode in BASELINES if baseline_rows[mode]
+            for r in _rows(f"interpolation: {BASELINES[mode]}", baseline_rows[mode], per_subject)]
     return head + rows
 
 
