@@ -4,9 +4,10 @@ splits, covariates), the embedded sample, and dataset helpers. Imports nothing e
 Each module's ``__all__`` is re-exported here (``common.data.<name>``), as MONAI's packages do.
 """
 
-from . import datalists, dataset, io
+from . import datalists, dataset, io, weights
 from .datalists import *  # noqa: F401,F403
 from .dataset import *  # noqa: F401,F403
 from .io import *  # noqa: F401,F403
+from .weights import *  # noqa: F401,F403
 
-__all__ = [*io.__all__, *datalists.__all__, *dataset.__all__]
+__all__ = [*io.__all__, *weights.__all__, *datalists.__all__, *dataset.__all__]

@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -40,19 +42,55 @@ def embedded_sample_path() -> Path:
     return path
 
 
-def inference_datalist(dataset_dir: str | None, min_shape: Sequence[int] = (1, 1, 1)) -> list[dict]:
+def inference_datalist(
+    dataset_dir: str | None, min_shape: Sequence[int] = (1, 1, 1), output_dir: str | None = None
+) -> list[dict]:
     """Items for the inference command: every NIfTI in ``dataset_dir`` as ``{"image": path}``.
 
     With no ``dataset_dir`` the embedded sample is given as the HR ``label``, to be degraded into the LR
-    ``image`` by the bundle's preprocessing (and scored against it). Headers are checked up front, so a bad file
-    stops the run before any output is written.
+    ``image`` by the bundle's preprocessing (and scored against it).
+
+    What concerns the whole run is checked here, before any volume is read: the input folder exists and holds
+    NIfTI files; the output folder is writable and is not the input folder (the next run would take the outputs
+    as inputs). Inputs whose stems collide (``a.nii`` and ``a.nii.gz`` would both write ``a_sr.nii.gz``) carry an
+    ``"error"``, so neither overwrites the other; each file's own checks run when it is loaded
+    (:class:`common.data.BadInputSkippingDataset` reports a bad one and goes on).
+
+    Args:
+        dataset_dir: folder of LR NIfTI volumes; unset: the embedded sample.
+        min_shape: kept for configs that pass it (each file's size is checked when it is loaded).
+        output_dir: the run's output folder, checked when given.
     """
+    if not is_unset(output_dir):
+        _check_output_dir(output_dir, dataset_dir)
     if is_unset(dataset_dir):
         return [{"label": str(embedded_sample_path()), "embedded_sample": True}]
     files = list_nifti(dataset_dir)
+    by_stem: dict[str, list[Path]] = {}
     for path in files:
-        check_nifti_header(path, min_shape)
-    return [{"image": str(path)} for path in files]
+        by_stem.setdefault(nifti_stem(path), []).append(path)
+    items = []
+    for path in files:
+        twins = [p.name for p in by_stem[nifti_stem(path)] if p != path]
+        item = {"image": str(path)}
+        if twins:
+            item["error"] = (f"another input has the same stem ({', '.join(twins)}); both would write "
+                             f"{nifti_stem(path)}_sr.nii.gz: rename one")
+        items.append(item)
+    return items
+
+
+def _check_output_dir(output_dir: str | os.PathLike, dataset_dir: str | None) -> None:
+    out = Path(output_dir)
+    if not is_unset(dataset_dir) and out.resolve() == Path(dataset_dir).resolve():
+        raise VolumeError(out, "the output folder is the input folder: the next run would read the outputs as "
+                               "inputs; choose another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise VolumeError(out, f"cannot write to the output folder ({err.strerror or err})") from err
 
 
 def evaluation_datalist(dataset_dir: str | None) -> list[dict]:

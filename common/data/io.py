@@ -6,6 +6,8 @@ write a result back in the input's own orientation: the original orientation cod
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -16,9 +18,14 @@ from typing import Iterator, Sequence
 import nibabel as nib
 import numpy as np
 
+from common.utils import available_memory
+
 __all__ = [
     "NIFTI_SUFFIXES",
+    "InputFileError",
     "VolumeError",
+    "find_input_error",
+    "BYTES_PER_OUTPUT_VOXEL",
     "nifti_stem",
     "is_nifti",
     "list_nifti",
@@ -35,14 +42,37 @@ __all__ = [
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
+# Peak working memory per output voxel, a conservative bound over the bundles: the float32 prediction plus the
+# windowed inferers' sum and weight buffers, the K-sample mean and spread, the denormalised and reoriented copies
+# written out, and the HR reference of the embedded demo (about 16 float32 volumes on the HR grid).
+BYTES_PER_OUTPUT_VOXEL = 64
 
-class VolumeError(ValueError):
-    """A bad input volume; the message starts with the file's path."""
+logger = logging.getLogger("common")
+
+
+class InputFileError(ValueError):
+    """A bad input file (a volume, a weights file, a checkpoint); the message starts with the file's path, so a
+    command can end with one ``error: <file>: <problem>`` line (:func:`common.engines.install_error_hook`)."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        self.problem = " ".join(str(problem).split())  # one line, whatever the library's message looked like
+        super().__init__(f"{path}: {self.problem}")
+
+
+class VolumeError(InputFileError):
+    """A bad input volume (or folder of volumes)."""
+
+
+def find_input_error(err: BaseException | None) -> InputFileError | None:
+    """The :class:`InputFileError` behind an exception, through MONAI's and ignite's wrapping, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputFileError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def nifti_stem(path: str | os.PathLike) -> str:
@@ -60,11 +90,21 @@ def is_nifti(path: str | os.PathLike) -> bool:
 
 
 def list_nifti(folder: str | os.PathLike) -> list[Path]:
-    """Sorted NIfTI files directly in ``folder``; raises VolumeError when the folder is missing or has none."""
+    """Sorted NIfTI files directly in ``folder``; raises VolumeError when the folder is missing or has none.
+
+    Other files are skipped with a log line; hidden files too (a ``.name`` is the temporary file of an atomic
+    write that a killed run left behind, never an input).
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise VolumeError(folder, "no such folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p))
+        raise VolumeError(folder, "no such folder" if not folder.exists() else "not a folder")
+    files, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        (files if p.is_file() and is_nifti(p) else skipped).append(p)
+    if skipped:
+        logger.info("skipping %d non-NIfTI entries in %s: %s", len(skipped), folder, ", ".join(p.name for p in skipped))
     if not files:
         raise VolumeError(folder, "no NIfTI files (*.nii, *.nii.gz) in this folder")
     return files
@@ -101,42 +141,74 @@ def _open(path: Path) -> nib.Nifti1Image:
     return img
 
 
-def check_nifti_header(path: str | os.PathLike, min_shape: Sequence[int] = (1, 1, 1)) -> tuple[int, ...]:
-    """Cheap header-level checks (readable, 3D single channel, large enough); returns the shape.
+def check_nifti_header(
+    path: str | os.PathLike,
+    min_shape: Sequence[int] = (1, 1, 1),
+    scale_factor: Sequence[float] = (1, 1, 1),
+    bytes_per_output_voxel: int = BYTES_PER_OUTPUT_VOXEL,
+) -> tuple[int, ...]:
+    """Header-level checks, before any voxel is read: readable, real-valued, one 3D volume (trailing singleton
+    axes accepted), large enough, and small enough for the memory this process has; returns the 3D shape.
 
     Args:
         path: the NIfTI file.
         min_shape: smallest accepted size per axis (after RAS reorientation the axes may be permuted, so the
             check uses the sorted sizes against the sorted minimum).
+        scale_factor: the method's upsampling factors, for the size of the output.
+        bytes_per_output_voxel: working memory per output voxel (see :data:`BYTES_PER_OUTPUT_VOXEL`).
     """
     path = Path(path)
     img = _open(path)
+    dtype = img.get_data_dtype()
+    if dtype.names is not None:  # NIfTI RGB24 / RGBA32 are structured dtypes
+        raise VolumeError(path, f"colour (RGB) data ({', '.join(dtype.names)}): expected one grayscale channel")
+    if dtype.kind == "c":
+        raise VolumeError(path, f"complex-valued data ({dtype}): give the magnitude image, e.g. abs() of it")
+    if dtype.kind not in "biuf":
+        raise VolumeError(path, f"unsupported data type {dtype}: expected integer or floating-point voxels")
     shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
     if len(shape) != 3:
         raise VolumeError(path, f"not a 3D image (shape {shape}); expected one 3D volume with one channel")
     if any(s < m for s, m in zip(sorted(shape), sorted(min_shape))):
         raise VolumeError(path, f"volume {shape} is smaller than the method needs ({tuple(min_shape)})")
+    need = math.prod(shape) * (4 + math.prod(float(f) for f in scale_factor) * bytes_per_output_voxel)
+    free = available_memory()
+    if free is not None and need > free:
+        raise VolumeError(
+            path, f"volume {shape} needs about {need / 2**30:.1f} GiB of memory here, more than the "
+            f"{free / 2**30:.1f} GiB available: crop it or run it on a machine with more memory",
+        )
     return shape
 
 
-def load_volume(path: str | os.PathLike, min_shape: Sequence[int] = (1, 1, 1)) -> Volume:
-    """Read a 3D NIfTI of any orientation and dtype as a float32 RAS volume, keeping its geometry.
+def load_volume(
+    path: str | os.PathLike, min_shape: Sequence[int] = (1, 1, 1), scale_factor: Sequence[float] = (1, 1, 1)
+) -> Volume:
+    """Read a 3D NIfTI of any orientation and real dtype as a float32 RAS volume, keeping its geometry.
+
+    Args:
+        path: the NIfTI file.
+        min_shape: smallest accepted size per axis.
+        scale_factor: the method's upsampling factors (for the memory check of :func:`check_nifti_header`).
 
     Raises:
-        VolumeError: missing or unreadable file, not 3D, too small, or non-finite values.
+        VolumeError: missing, unreadable or truncated file, complex or colour data, not 3D, too small, too large
+            for the memory available, non-finite values, or a constant volume (nothing to super-resolve).
     """
     path = Path(path)
-    check_nifti_header(path, min_shape)
+    shape = check_nifti_header(path, min_shape, scale_factor)
     img = _open(path)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as err:
+    except Exception as err:  # truncated gzip, a header that promises more data than the file holds, ...
         raise VolumeError(path, f"unreadable image data ({type(err).__name__}: {err})") from err
-    data = data.reshape(data.shape[:3])
+    data = data.reshape(shape)
     if not np.isfinite(data).all():
         raise VolumeError(path, f"contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
+    if data.min() == data.max():
+        raise VolumeError(path, f"constant volume (every voxel is {data.flat[0]:g}): nothing to super-resolve")
     affine = img.affine
     source_ornt = nib.orientations.io_orientation(affine)
     ras = nib.orientations.axcodes2ornt(("R", "A", "S"))

@@ -16,7 +16,8 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
-from common.data.io import atomic_path
+from common.data.io import InputFileError, atomic_path
+from common.data.weights import check_state_fits, read_state
 from common.utils import is_unset
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "load_state",
     "latest_checkpoint",
     "ResumeFromLatest",
+    "AtomicCheckpointSaver",
     "EngineCheckpointSaver",
     "FinalWeightsSaver",
     "checkpoint_to_weights",
@@ -33,24 +35,29 @@ __all__ = [
 logger = logging.getLogger("common")
 
 
-def load_state(network, path, map_location="cpu", strict: bool = True):
+def load_state(network, path, map_location="cpu", strict: bool = True, large_files=None):
     """Load a weights file (a bare ``state_dict``, or a checkpoint dict holding one under ``"network"`` or
     ``"model"``) into ``network`` and return the network, so a config's ``network`` entry carries its weights
     (what the benchmark and other direct users of ``network`` and ``inferer`` need).
+
+    The file is checked first: its hash against ``large_files`` when that lists it, readable with
+    ``weights_only=True``, and (``strict``) every tensor fitting the network, so a bad file is refused with one
+    clear error and the network is never filled half-way.
 
     Args:
         network: the module to fill.
         path: the weights file.
         map_location: ``torch.load`` map_location.
-        strict: require the keys to match exactly.
+        strict: require the keys and shapes to match exactly.
+        large_files: the bundle's ``large_files.yml``; a file it lists must have the listed hash.
     """
-    import torch
-
-    state = torch.load(str(path), map_location=map_location, weights_only=True)
+    state = read_state(path, map_location, large_files)
     for key in ("network", "model"):
-        if key in state and isinstance(state[key], dict):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
+    if strict:
+        check_state_fits(path, state, network)
     network.load_state_dict(state, strict=strict)
     logger.info("loaded weights from %s", path)
     return network
@@ -127,9 +134,40 @@ class ResumeFromLatest:
             load_state(unwrap_module(self.load_dict[self.network_key]), self.init_weights, self.map_location)
             logger.info("no checkpoint in %s: fine-tuning from %s", self.ckpt_dir, self.init_weights)
             return
+        self._check(path)
         CheckpointLoader(str(path), self.load_dict, name="common", map_location=self.map_location)(engine)
         self.loaded = path
         logger.info("resumed from %s (epoch %d, iteration %d)", path, engine.state.epoch, engine.state.iteration)
+
+
+    def _check(self, path: Path) -> None:
+        """Refuse a damaged or foreign checkpoint before any object is restored from it."""
+        older = [p.name for p in sorted(Path(self.ckpt_dir).glob(self.pattern)) if p != path]
+        hint = f"; delete it to resume from the previous one ({', '.join(older)})" if older else ""
+        try:
+            ckpt = read_state(path, self.map_location)
+            missing = [k for k in self.load_dict if k not in ckpt]
+            if missing:
+                raise InputFileError(path, f"checkpoint lacks {missing} (another configuration's?)")
+            check_state_fits(path, ckpt[self.network_key], unwrap_module(self.load_dict[self.network_key]))
+        except InputFileError as err:
+            raise InputFileError(path, f"{err.problem}{hint}") from err
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's :class:`monai.handlers.CheckpointSaver` writing each file atomically (a temporary file, then a rename).
+
+    MONAI turns ignite's atomic saving off (an atomic file gets owner-only permissions); a run killed while saving
+    then leaves a truncated checkpoint, or a truncated ``best_model.pt``. Here a checkpoint is whole or absent, at
+    the cost of owner-only (0600) permissions on it. Same arguments as :class:`monai.handlers.CheckpointSaver`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+            checkpoint = getattr(self, name, None)
+            if checkpoint is not None:
+                checkpoint.save_handler._atomic = True
 
 
 class EngineCheckpointSaver:
@@ -148,7 +186,7 @@ class EngineCheckpointSaver:
         self.saver: CheckpointSaver | None = None
 
     def attach(self, engine: Engine) -> None:
-        self.saver = CheckpointSaver(self.save_dir, {**self.save_dict, self.engine_key: engine}, **self.kwargs)
+        self.saver = AtomicCheckpointSaver(self.save_dir, {**self.save_dict, self.engine_key: engine}, **self.kwargs)
         self.saver.attach(engine)
 
 

@@ -5,20 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from common.data.io import VolumeError
+from common.data.io import find_input_error
 
-__all__ = ["find_volume_error", "install_error_hook"]
-
-
-def find_volume_error(err: BaseException) -> VolumeError | None:
-    """The :class:`VolumeError` behind an exception, through MONAI's and ignite's wrapping, if any."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, VolumeError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+__all__ = ["find_input_error", "install_error_hook"]
 
 
 def install_error_hook() -> None:
@@ -31,7 +20,7 @@ def install_error_hook() -> None:
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        bad = find_volume_error(exc)
+        bad = find_input_error(exc)
         if bad is None:
             previous(exc_type, exc, tb)
         else:

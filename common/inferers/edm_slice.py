@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from torch import Tensor, nn
+from torch import Tensor
 
 from common.diffusion.samplers import SAMPLERS, get_sigmas_karras, make_noise, sample_paper_2p5d
-from common.inferers.utils import SliceProgress, autocast_context, sample_mean_std
+from common.inferers.utils import SliceProgress, autocast_context, channels_last_weights, sample_mean_std
 from common.transforms.intensity import to_signed, to_unit
 from common.transforms.slices import slice_stack
 from common.transforms.upsample import GridUpsample
@@ -155,15 +155,14 @@ class EDMSliceInferer(Inferer):
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"expected LR volumes (B, 1, X, y, z), got shape {tuple(x.shape)}")
-        if self.channels_last and isinstance(network, nn.Module):
-            network.to(memory_format=torch.channels_last)
         self.upsample.to(x.device)
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         outputs = []
-        for b in range(x.shape[0]):
-            label = f"volume {b + 1}/{x.shape[0]}" if x.shape[0] > 1 else "SR"
-            outputs.append(
-                sample_mean_std(lambda k, b=b: self._volume(x[b, 0], network, generator, k, label)[None, None],
-                                self.num_samples)
-            )
+        with channels_last_weights(network, self.channels_last):
+            for b in range(x.shape[0]):
+                label = f"volume {b + 1}/{x.shape[0]}" if x.shape[0] > 1 else "SR"
+                outputs.append(
+                    sample_mean_std(lambda k, b=b: self._volume(x[b, 0], network, generator, k, label)[None, None],
+                                    self.num_samples)
+                )
         return torch.cat(outputs, dim=0)

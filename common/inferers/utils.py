@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["autocast_context", "AutocastInferer", "sample_mean_std", "SliceProgress"]
+__all__ = ["autocast_context", "channels_last_weights", "AutocastInferer", "sample_mean_std", "SliceProgress"]
 
 
 def autocast_context(device: torch.device | str, enabled: bool, dtype: torch.dtype = torch.bfloat16):
@@ -22,6 +22,26 @@ def autocast_context(device: torch.device | str, enabled: bool, dtype: torch.dty
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def channels_last_weights(network: Any, enabled: bool = True):
+    """Run ``network`` with channels-last 4D weights, and hand them back in the layout they had.
+
+    A validator shares the trainer's network: leaving it channels-last would change the layout the next training
+    steps compute in, and with it the float results, so a resumed run would no longer match an uninterrupted one.
+    """
+    if not enabled or not isinstance(network, nn.Module):
+        yield network
+        return
+    weights = [p for p in network.parameters() if p.ndim == 4]
+    was_channels_last = all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    network.to(memory_format=torch.channels_last)
+    try:
+        yield network
+    finally:
+        if not was_channels_last:
+            network.to(memory_format=torch.contiguous_format)
 
 
 class AutocastInferer(Inferer):

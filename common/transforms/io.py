@@ -41,16 +41,24 @@ class LoadVolumed(MapTransform):
     Args:
         keys: keys holding file paths.
         min_shape: smallest volume the method accepts; smaller inputs stop with an error naming the file.
+        scale_factor: the method's upsampling factors: a volume whose output would not fit in the memory
+            available stops with an error before its voxels are read.
     """
 
-    def __init__(self, keys: KeysCollection, min_shape: Sequence[int] = (1, 1, 1), allow_missing_keys=False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        min_shape: Sequence[int] = (1, 1, 1),
+        allow_missing_keys=False,
+        scale_factor: Sequence[float] = (1, 1, 1),
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.min_shape = tuple(min_shape)
+        self.min_shape, self.scale_factor = tuple(min_shape), tuple(scale_factor)
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = volume_to_metatensor(load_volume(d[key], self.min_shape))
+            d[key] = volume_to_metatensor(load_volume(d[key], self.min_shape, self.scale_factor))
         return d
 
 

@@ -85,7 +85,8 @@ def inference_preprocessing(
     """
     return Compose(
         [
-            LoadVolumed(keys=["image", "label"], min_shape=min_shape, allow_missing_keys=True),
+            LoadVolumed(keys="image", min_shape=min_shape, allow_missing_keys=True, scale_factor=scale_factor),
+            LoadVolumed(keys="label", min_shape=min_shape, allow_missing_keys=True),
             central_slices(num_slices),
             SimulateLRd(scale_factor, degradation, units_key="image_units" if clip else None),
             PercentileNormalized(keys="image", clip=clip),

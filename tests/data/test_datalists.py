@@ -23,8 +23,12 @@ def test_datalists(tmp_path):
     with pytest.raises(VolumeError, match="not found"):
         build_datalist(tmp_path, val_subjects=["zzz"])
     assert [d["image"].endswith(".nii.gz") for d in inference_datalist(str(tmp_path))] == [True] * 3
-    with pytest.raises(VolumeError, match="smaller"):
-        inference_datalist(str(tmp_path), min_shape=(8, 8, 8))
+    # the size of each file is checked when it is loaded, not while the datalist is built
+    assert len(inference_datalist(str(tmp_path), min_shape=(8, 8, 8))) == 3
+    with pytest.raises(VolumeError, match="is the input folder"):
+        inference_datalist(str(tmp_path), output_dir=str(tmp_path / "." ))
+    with pytest.raises(VolumeError, match="cannot write"):
+        inference_datalist(str(tmp_path), output_dir=str(tmp_path / "notes.txt" / "out"))
 
 
 def test_embedded_sample_is_the_mni_template(mri_dir):

@@ -10,6 +10,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from common.data import find_input_error
+from common.engines import EpochSeeding
 from common.engines.checkpoints import (
     EngineCheckpointSaver,
     FinalWeightsSaver,
@@ -98,3 +100,54 @@ def test_final_weights_and_checkpoint_export(tmp_path):
     out = checkpoint_to_weights(tmp_path / "ckpt.pt", tmp_path / "w.pt")
     assert set(torch.load(out, weights_only=True)) == {"weight", "bias"}
     assert not [p for p in (tmp_path / "sub").iterdir() if p.name.startswith(".")]
+
+
+def _saved_checkpoints(tmp_path, epochs=2):
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = _trainer(net, opt, epochs)
+    EngineCheckpointSaver(str(tmp_path), {"network": net, "optimizer": opt}, save_interval=1, n_saved=2).attach(trainer)
+    trainer.run([torch.randn(4, 3) for _ in range(2)], max_epochs=epochs)
+    return latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign"])
+def test_damaged_checkpoint_is_refused_before_anything_loads(tmp_path, damage):
+    latest = _saved_checkpoints(tmp_path)
+    if damage == "truncated":
+        latest.write_bytes(latest.read_bytes()[:300])
+    elif damage == "garbage":
+        latest.write_bytes(b"\0" * 1000)
+    else:  # another network's checkpoint
+        torch.save({"network": nn.Linear(5, 2).state_dict(), "optimizer": {}, "trainer": {}}, latest)
+    net = nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine = _trainer(net, opt, 3)
+    ResumeFromLatest(tmp_path, {"network": net, "optimizer": opt}).attach(engine)
+    with pytest.raises(Exception) as err:
+        engine.run([torch.randn(4, 3)], max_epochs=3)
+    bad = find_input_error(err.value)
+    assert bad is not None and bad.path == str(latest), err.value
+    assert ("not a readable" if damage != "foreign" else "do not fit") in bad.problem
+    assert "checkpoint_epoch=1.pt" in bad.problem  # names the previous checkpoint to fall back to
+    for k, v in net.state_dict().items():  # nothing was loaded half-way
+        assert torch.equal(v, before[k])
+
+
+def test_epoch_seeding_makes_each_epoch_draw_the_same_whatever_came_before():
+    draws = {}
+
+    def run(start_epoch, waste):
+        engine = Engine(lambda e, b: None)
+        EpochSeeding(seed=5).attach(engine)
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: draws.setdefault((waste, e.state.epoch), torch.rand(3)))
+        engine.state.epoch = start_epoch
+        torch.rand(waste)  # a killed run's, or a validator's, leftover draws
+        engine.run([0], max_epochs=3)
+
+    run(0, 0)
+    run(1, 7)  # resumed after epoch 1, with a different RNG history
+    assert torch.equal(draws[(0, 2)], draws[(7, 2)]) and torch.equal(draws[(0, 3)], draws[(7, 3)])
+    assert not torch.equal(draws[(0, 2)], draws[(0, 3)])

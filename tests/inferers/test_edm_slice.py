@@ -201,3 +201,17 @@ def test_slice_stack_agrees_with_condition():
     lr = _lr()
     up = GridUpsample((1, 2, 2), "cubic")(lr[None, None])[0, 0]
     torch.testing.assert_close(EDMSliceInferer(progress=False).condition(lr), to_signed(slice_stack(up, (-1, 0))))
+
+
+def test_channels_last_weights_gives_the_layout_back():
+    """A validator sharing the trainer's network must not leave it channels-last (training floats depend on it)."""
+    from common.inferers.utils import channels_last_weights
+
+    net = torch.nn.Conv2d(2, 4, 3)
+    with channels_last_weights(net) as inner:
+        assert inner.weight.is_contiguous(memory_format=torch.channels_last)
+    assert net.weight.is_contiguous() and not net.weight.is_contiguous(memory_format=torch.channels_last)
+    net.to(memory_format=torch.channels_last)
+    with channels_last_weights(net):
+        pass
+    assert net.weight.is_contiguous(memory_format=torch.channels_last)  # it was channels-last: left so
