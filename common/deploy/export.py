@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.data.io import atomic_path
+from common.data.weights import file_hash
 
 __all__ = ["EXCLUDED_DIRS", "bundle_files", "export_bundle", "main"]
 
@@ -60,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--output", default="dist", help="destination folder (default: dist/)")
     args = ap.parse_args(argv)
     for bundle in args.bundles:
-        print(export_bundle(bundle, args.output))
+        archive = export_bundle(bundle, args.output)
+        print(f"{archive}  sha256 {file_hash(archive)}")  # list it beside the archive: common.deploy.fetch checks it
 
 
 if __name__ == "__main__":

@@ -22,3 +22,21 @@ def test_archive_holds_bundle_and_common(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "x" / root, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert str(tmp_path / "x" / root / "common") in out.stdout
+
+
+def test_fetch_unpacks_only_an_archive_with_the_listed_hash(tmp_path):
+    import pytest
+
+    from common.data import InputFileError, file_hash
+    from common.deploy.fetch import fetch_bundle
+
+    archive = export_bundle(BUNDLE, tmp_path / "dist")
+    good = file_hash(archive)
+    with pytest.raises(InputFileError, match="differs from") as err:
+        fetch_bundle(str(archive), "0" * 64, tmp_path / "out")
+    assert good in str(err.value)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # nothing unpacked, no leftovers
+    target = fetch_bundle(archive.as_uri(), good, tmp_path / "out")  # a file:// URL, as a download
+    assert (target / "configs" / "inference.json").is_file() and (target / "common" / "data" / "io.py").is_file()
+    with pytest.raises(InputFileError, match="already exists"):
+        fetch_bundle(str(archive), good, tmp_path / "out")
