@@ -213,4 +213,5 @@ def slab_preprocessing(
     if roi_size is None:
         return chain
     crop = CenterSpatialCropd(keys="label", roi_size=[int(r) for r in roi_size], allow_missing_keys=True)
-    return Compose([chain.transforms[0], crop, *chain.transforms[1:]])
+    n_load = sum(isinstance(t, LoadVolumed) for t in chain.transforms)  # the crop goes right after loading
+    return Compose([*chain.transforms[:n_load], crop, *chain.transforms[n_load:]])
