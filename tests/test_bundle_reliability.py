@@ -158,7 +158,8 @@ def test_changed_or_damaged_weights_are_refused(bundle, small_volume, tmp_path):
     torch.save(state, weights)
     proc = _infer(copy, small_volume, tmp_path / "out")
     errors = _error_lines(proc)
-    assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith(f"error: {weights}: "), proc.stderr[-2000:]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith(f"error: {weights}: ")
     assert "differs from" in errors[0] and "large_files.yml" in errors[0]
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((bundle / "models" / "model.pt").read_bytes()[:4096])

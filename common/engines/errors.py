@@ -11,7 +11,8 @@ __all__ = ["find_input_error", "install_error_hook"]
 
 
 def install_error_hook() -> None:
-    """Make a bad input volume end the program with one line naming the file (exit code 1), no traceback.
+    """Make a bad input file (volume, weights, checkpoint) end the program with one line naming the file (exit
+    code 1), no traceback.
 
     Bundle configs call this in ``initialize``: input checks run both while the config resolves (the datalist)
     and inside the engine (loading), so a hook on uncaught exceptions covers both. Other errors keep their

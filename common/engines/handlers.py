@@ -39,7 +39,8 @@ class VolumeProgress:
             meta = getattr(image, "meta", {})
             names.append(str(meta.get("filename_or_obj", "?")))
         # an iterable dataset that skips bad inputs has no epoch length: count its datalist instead
-        total = engine.state.epoch_length or len(getattr(getattr(engine.data_loader, "dataset", None), "data", ())) or "?"
+        dataset = getattr(engine.data_loader, "dataset", None)
+        total = engine.state.epoch_length or len(getattr(dataset, "data", ())) or "?"
         seconds = time.perf_counter() - self._t0
         logger.info("volume %s/%s: %s (%.1f s)", engine.state.iteration, total, ", ".join(names), seconds)
 
@@ -70,8 +71,9 @@ class EpochSeeding:
 
     A run resumed from an epoch's checkpoint then draws the same crops, shuffles and noise as an uninterrupted
     run of the same seed (the restored network, optimiser, scheduler and EMA carry the rest), so it ends with the
-    same weights, bit for bit on CPU (tests/test_bundles.py kills a training run and checks it). Without it the
-    random streams would restart from the run's start, or continue from wherever the killed run left them.
+    same weights, bit for bit on CPU (tests/test_bundle_reliability.py kills a training run and checks it).
+    Without it the random streams would restart from the run's start, or continue from wherever the killed run
+    left them.
 
     Args:
         seed: the run's seed.
