@@ -57,6 +57,15 @@ def fov_corners(affine: np.ndarray, shape) -> np.ndarray:
     return np.stack([lo[:3], hi[:3]])
 
 
+def infer(bundle: Path, dataset_dir, out_dir, *extra: str) -> subprocess.CompletedProcess:
+    """The bundle's inference command at its test sizes (``dataset_dir`` None: the embedded sample)."""
+    args = ["run", "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle),
+            "--output_dir", str(out_dir), *overrides(bundle), *extra]
+    if dataset_dir is not None:
+        args += ["--dataset_dir", str(dataset_dir)]
+    return bundle_cli(*args)
+
+
 def train_args(bundle: Path, data: Path, ckpt: Path) -> list[str]:
     return ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--ckpt_dir", str(ckpt),
             "--final_model_path", str(ckpt / "model.pt"), *overrides(bundle, "train")]

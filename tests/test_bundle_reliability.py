@@ -20,21 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_cli import BUNDLES, IDS, LEARNED, LEARNED_IDS, bundle_cli, fov_corners, ok, overrides, train_args
+from bundle_cli import (
+    BUNDLES, IDS, LEARNED, LEARNED_IDS, bundle_cli, fov_corners, infer, ok, overrides, train_args,
+)
 from input_cases import BAD, GOOD, write_duplicate_stems
 
 # the diffusion bundles draw noise: another seed must give another sample
 STOCHASTIC = {"brain_mri_edm25d_super_resolution", "brain_mri_edm3d_super_resolution",
               "brain_mri_score_sde_super_resolution"}
 CLI_GOOD = ["lpi", "oblique", "anisotropic", "trailing_singleton", "int64"]
-
-
-def _infer(bundle: Path, dataset_dir, out_dir, *extra: str) -> subprocess.CompletedProcess:
-    args = ["run", "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle),
-            "--output_dir", str(out_dir), *overrides(bundle), *extra]
-    if dataset_dir is not None:
-        args += ["--dataset_dir", str(dataset_dir)]
-    return bundle_cli(*args)
 
 
 def _error_lines(proc) -> list[str]:
@@ -81,7 +75,7 @@ def test_run_level_refusals(bundle, case, expect, tmp_path, base_crop):
     elif case == "unwritable_output":
         (tmp_path / "file").write_text("a file, not a folder")
         out_dir = tmp_path / "file" / "out"
-    proc = _infer(bundle, folder, out_dir)
+    proc = infer(bundle, folder, out_dir)
     errors = _error_lines(proc)
     assert proc.returncode == 1 and len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
     named = out_dir if case in ("output_is_input", "unwritable_output") else folder
@@ -96,7 +90,7 @@ def test_folder_with_bad_files(bundle, mixed_folder, tmp_path):
     folder, good, bad = mixed_folder
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     out_dir = tmp_path / "out"
-    proc = _infer(bundle, folder, out_dir)
+    proc = infer(bundle, folder, out_dir)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = _error_lines(proc)
     assert len(errors) == len(bad), "\n".join(errors)
@@ -121,7 +115,7 @@ def test_folder_with_bad_files(bundle, mixed_folder, tmp_path):
 def test_fail_fast_stops_at_the_first_bad_file(mixed_folder, tmp_path):
     bundle = next(b for b in BUNDLES if b.name == "brain_mri_interpolation_super_resolution")
     folder, good, bad = mixed_folder
-    proc = _infer(bundle, folder, tmp_path / "out", "--fail_fast", "true")
+    proc = infer(bundle, folder, tmp_path / "out", "--fail_fast", "true")
     errors = _error_lines(proc)
     first_bad = min(bad, key=lambda p: p.name)
     assert proc.returncode == 1 and errors == [e for e in errors if e.startswith(f"error: {first_bad}: ")]
@@ -135,7 +129,7 @@ def test_same_seed_same_output(bundle, base_crop, tmp_path):
     nib.save(nib.Nifti1Image(base_crop, np.eye(4)), str(tmp_path / "in" / "crop.nii.gz"))
     runs = {}
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
-        ok(_infer(bundle, tmp_path / "in", tmp_path / name, "--seed", str(seed)))
+        ok(infer(bundle, tmp_path / "in", tmp_path / name, "--seed", str(seed)))
         runs[name] = np.asarray(nib.load(str(tmp_path / name / "crop_sr.nii.gz")).dataobj)
     assert np.array_equal(runs["a"], runs["b"])
     assert np.array_equal(runs["a"], runs["c"]) == (bundle.name not in STOCHASTIC)
@@ -156,14 +150,14 @@ def test_changed_or_damaged_weights_are_refused(bundle, small_volume, tmp_path):
     key = next(k for k, v in state.items() if v.is_floating_point())
     state[key] = state[key] + 1e-3  # a changed file that still loads
     torch.save(state, weights)
-    proc = _infer(copy, small_volume, tmp_path / "out")
+    proc = infer(copy, small_volume, tmp_path / "out")
     errors = _error_lines(proc)
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
     assert errors[0].startswith(f"error: {weights}: ")
     assert "differs from" in errors[0] and "large_files.yml" in errors[0]
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((bundle / "models" / "model.pt").read_bytes()[:4096])
-    proc = _infer(bundle, small_volume, tmp_path / "out2", "--model_path", str(truncated))
+    proc = infer(bundle, small_volume, tmp_path / "out2", "--model_path", str(truncated))
     errors = _error_lines(proc)
     assert proc.returncode == 1 and len(errors) == 1 and "not a readable" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -243,5 +237,5 @@ def test_inference_killed_mid_volume_leaves_no_output(small_volume, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out_dir.exists() or not [p for p in out_dir.iterdir() if not p.name.startswith(".")]
-    ok(_infer(bundle, small_volume, out_dir))
+    ok(infer(bundle, small_volume, out_dir))
     assert (out_dir / "crop_dev03_sr.nii.gz").is_file()

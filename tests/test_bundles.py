@@ -2,8 +2,9 @@
 
 A new bundle is covered the day it lands: each check is parametrised over the bundles found. Learned bundles
 (with configs/train.json) also get evaluate.json on top of train.json, checkpoint export and a two-process CPU run
-of multi_gpu_train.json (their training, resume and fault tests are in tests/test_bundle_reliability.py); the overrides for those tiny runs come from the bundle's
-``configs/test_overrides.json`` (small sizes only, never other behaviour).
+of multi_gpu_train.json (their training, resume and fault tests are in tests/test_bundle_reliability.py); the
+overrides for those tiny runs come from the bundle's ``configs/test_overrides.json`` (small sizes only, never other
+behaviour).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from bundle_cli import (
-    BUNDLES, IDS, LEARNED, LEARNED_IDS, SCHEMA, bundle_cli, fov_corners, ok, overrides, train_args,
+    BUNDLES, IDS, LEARNED, LEARNED_IDS, SCHEMA, bundle_cli, fov_corners, infer, ok, overrides, train_args,
 )
 from conftest import REPO
 
@@ -59,8 +60,8 @@ def test_verify_net_in_out(bundle):
     if "network_def" not in config:
         pytest.skip("no network in this bundle")
     ok(bundle_cli("verify_net_in_out", "--net_id", "network_def", "--meta_file",
-                    str(bundle / "configs/metadata.json"), "--config_file", str(bundle / "configs/inference.json"),
-                    "--bundle_root", str(bundle), bundle=bundle))
+                  str(bundle / "configs/metadata.json"), "--config_file", str(bundle / "configs/inference.json"),
+                  "--bundle_root", str(bundle), bundle=bundle))
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=IDS)
@@ -69,18 +70,16 @@ def test_ckpt_export(bundle, tmp_path):
         pytest.skip("no trained weights in this bundle")
     out = tmp_path / "model.ts"
     ok(bundle_cli("ckpt_export", "--net_id", "network_def", "--filepath", str(out),
-                    "--ckpt_file", str(bundle / "models/model.pt"), "--meta_file", str(bundle / "configs/metadata.json"),
-                    "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle),
-                    "--use_trace", "True", bundle=bundle))
+                  "--ckpt_file", str(bundle / "models/model.pt"), "--meta_file", str(bundle / "configs/metadata.json"),
+                  "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle),
+                  "--use_trace", "True", bundle=bundle))
     assert out.stat().st_size > 0
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=IDS)
 def test_inference_contract(bundle, small_volume, tmp_path):
     out_dir = tmp_path / "out"
-    proc = bundle_cli("run", "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle),
-                       "--dataset_dir", str(small_volume), "--output_dir", str(out_dir), *overrides(bundle))
-    ok(proc)
+    ok(infer(bundle, small_volume, out_dir))
     src = nib.load(str(small_volume / "crop_dev03.nii.gz"))
     out = nib.load(str(out_dir / "crop_dev03_sr.nii.gz"))
     assert out.get_data_dtype() == np.float32
@@ -102,8 +101,7 @@ def test_inference_contract(bundle, small_volume, tmp_path):
 def test_embedded_sample_demo(bundle, tmp_path):
     """No --dataset_dir: the embedded MNI152 sample, degraded x2, gives SR + preview + metrics."""
     out_dir = tmp_path / "demo"
-    ok(bundle_cli("run", "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle),
-                    "--output_dir", str(out_dir), *overrides(bundle)))
+    ok(infer(bundle, None, out_dir))
     stem = "mni_icbm152_t1_tal_nlin_sym_09a_converted"
     for suffix in ["_sr.nii.gz", "_lr.nii.gz", "_preview.png", "_metrics.json"]:
         assert (out_dir / f"{stem}{suffix}").is_file(), suffix

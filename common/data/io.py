@@ -157,8 +157,10 @@ def check_nifti_header(
         scale_factor: the method's upsampling factors, for the size of the output.
         bytes_per_output_voxel: working memory per output voxel (see :data:`BYTES_PER_OUTPUT_VOXEL`).
     """
-    path = Path(path)
-    img = _open(path)
+    return _checked_shape(Path(path), _open(Path(path)), min_shape, scale_factor, bytes_per_output_voxel)
+
+
+def _checked_shape(path: Path, img: nib.Nifti1Image, min_shape, scale_factor, bytes_per_output_voxel) -> tuple:
     dtype = img.get_data_dtype()
     if dtype.names is not None:  # NIfTI RGB24 / RGBA32 are structured dtypes
         raise VolumeError(path, f"colour (RGB) data ({', '.join(dtype.names)}): expected one grayscale channel")
@@ -198,8 +200,8 @@ def load_volume(
             for the memory available, non-finite values, or a constant volume (nothing to super-resolve).
     """
     path = Path(path)
-    shape = check_nifti_header(path, min_shape, scale_factor)
     img = _open(path)
+    shape = _checked_shape(path, img, min_shape, scale_factor, BYTES_PER_OUTPUT_VOXEL)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as err:  # truncated gzip, a header that promises more data than the file holds, ...

@@ -69,6 +69,7 @@ def inference_preprocessing(
     degradation: Transform | None = None,
     num_slices: int | None = None,
     clip: bool = True,
+    label_roi_size: Sequence[int] | None = None,
 ) -> Compose:
     """Load (RAS, checked), simulate the LR input from an HR label where no LR is given, scale LR to [0, 1].
 
@@ -82,12 +83,16 @@ def inference_preprocessing(
         num_slices: crop HR labels to their central sagittal slices first (for evaluation on slabs).
         clip: clip the scaled LR to [0, 1] (learned models are trained on clipped inputs; interpolation needs
             no clipping and keeps intensities above the 99th percentile, e.g. contrast enhancement).
+        label_roi_size: centre-crop HR labels to this RAS size instead (-1 keeps an axis; overrides num_slices).
     """
+    label_crop = central_slices(num_slices) if label_roi_size is None else CenterSpatialCropd(
+        keys="label", roi_size=[int(r) for r in label_roi_size], allow_missing_keys=True
+    )
     return Compose(
         [
             LoadVolumed(keys="image", min_shape=min_shape, allow_missing_keys=True, scale_factor=scale_factor),
             LoadVolumed(keys="label", min_shape=min_shape, allow_missing_keys=True),
-            central_slices(num_slices),
+            label_crop,
             SimulateLRd(scale_factor, degradation, units_key="image_units" if clip else None),
             PercentileNormalized(keys="image", clip=clip),
         ]
@@ -209,9 +214,4 @@ def slab_preprocessing(
         degradation: LR simulation (block averaging by ``scale_factor`` when None).
     """
 
-    chain = inference_preprocessing(scale_factor, degradation=degradation)
-    if roi_size is None:
-        return chain
-    crop = CenterSpatialCropd(keys="label", roi_size=[int(r) for r in roi_size], allow_missing_keys=True)
-    n_load = sum(isinstance(t, LoadVolumed) for t in chain.transforms)  # the crop goes right after loading
-    return Compose([*chain.transforms[:n_load], crop, *chain.transforms[n_load:]])
+    return inference_preprocessing(scale_factor, degradation=degradation, label_roi_size=roi_size)
