@@ -4,6 +4,9 @@ PYTHON   ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
+# The MONAI Deploy App SDK's pins cannot share the main environment (numpy 1.26): it gets a venv of its own.
+DEPLOY_VENV  ?= .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 # The CPU-usable pair that imports together here (lpips needs torchvision); see docs/install.md.
 TORCH    := torch==2.14.1 torchvision==0.29.1
 # jemalloc makes CPU training/inference 1.4-2.5x faster on these VMs (../shared/spec/performance.md).
@@ -18,7 +21,7 @@ SHELL       := /bin/bash
 # pip repeats a warning per package for each configured index folder that lacks it: not our concern, not shown
 QUIET_PIP   := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install demo test bench jemalloc clean
+.PHONY: install deploy-install demo test bench jemalloc clean
 
 install: $(STAMP)
 
@@ -28,6 +31,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q $(TORCH) 2>&1 | { $(QUIET_PIP); }
 	$(BIN)/pip install -q -e '.[test]' 2>&1 | { $(QUIET_PIP); }
 	@touch $(STAMP)
+
+# `python -m common.deploy` runs here: $(DEPLOY_VENV)/bin/python -m common.deploy --bundle ... (docs/deploy.md)
+deploy-install: $(DEPLOY_STAMP)
+
+$(DEPLOY_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q $(TORCH) 2>&1 | { $(QUIET_PIP); }
+	$(DEPLOY_VENV)/bin/pip install -q -e '.[deploy]' 2>&1 | { $(QUIET_PIP); }
+	@touch $(DEPLOY_STAMP)
 
 # Best effort: installs Debian's libjemalloc2 when we are root and apt works; says so when it cannot.
 jemalloc:
@@ -42,8 +54,9 @@ demo: install
 	    --bundle_root bundles/$(DEMO_BUNDLE) --output_dir $(DEMO_OUT)
 	@echo "Results (SR volume, PNG preview, metrics JSON): $(abspath $(DEMO_OUT))"
 
-test: install
-	$(RUN) -m pytest
+# DEPLOY_PYTHON: tests/deploy/test_app.py runs the Deploy application with it (and fails, not skips, if it is broken)
+test: install deploy-install
+	DEPLOY_PYTHON=$(abspath $(DEPLOY_VENV))/bin/python $(RUN) -m pytest
 
 bench: install
 	$(RUN) -m common.evaluation.bench $(BENCH_ARGS)

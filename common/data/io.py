@@ -31,6 +31,9 @@ __all__ = [
     "list_nifti",
     "Volume",
     "check_nifti_header",
+    "check_size",
+    "check_values",
+    "volume_from_array",
     "load_volume",
     "atomic_path",
     "save_volume",
@@ -173,6 +176,20 @@ def _checked_shape(path: Path, img: nib.Nifti1Image, min_shape, scale_factor, by
         shape = shape[:-1]
     if len(shape) != 3:
         raise VolumeError(path, f"not a 3D image (shape {shape}); expected one 3D volume with one channel")
+    check_size(path, shape, min_shape, scale_factor, bytes_per_output_voxel)
+    return shape
+
+
+def check_size(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    min_shape: Sequence[int] = (1, 1, 1),
+    scale_factor: Sequence[float] = (1, 1, 1),
+    bytes_per_output_voxel: int = BYTES_PER_OUTPUT_VOXEL,
+) -> None:
+    """Refuse a 3D ``shape`` smaller than ``min_shape`` (sorted sizes, as axes may be permuted to RAS) or whose
+    output at ``scale_factor`` would not fit in the memory this process has; ``path`` names it in the error."""
+    shape = tuple(int(s) for s in shape)
     if any(s < m for s, m in zip(sorted(shape), sorted(min_shape))):
         raise VolumeError(path, f"volume {shape} is smaller than the method needs ({tuple(min_shape)})")
     need = math.prod(shape) * (4 + math.prod(float(f) for f in scale_factor) * bytes_per_output_voxel)
@@ -182,7 +199,35 @@ def _checked_shape(path: Path, img: nib.Nifti1Image, min_shape, scale_factor, by
             path, f"volume {shape} needs about {need / 2**30:.1f} GiB of memory here, more than the "
             f"{free / 2**30:.1f} GiB available: crop it or run it on a machine with more memory",
         )
-    return shape
+
+
+def check_values(path: str | os.PathLike, data: np.ndarray) -> None:
+    """Refuse non-finite voxels and a constant volume (nothing to super-resolve); ``path`` names it."""
+    if not np.isfinite(data).all():
+        raise VolumeError(path, f"contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
+    if data.min() == data.max():
+        raise VolumeError(path, f"constant volume (every voxel is {data.flat[0]:g}): nothing to super-resolve")
+
+
+def volume_from_array(
+    data: np.ndarray, affine: np.ndarray, path: str | os.PathLike = "", header_dtype: str | None = None
+) -> Volume:
+    """A RAS :class:`Volume` from a 3D array of any orientation and its voxel-to-world (RAS) ``affine``; the
+    array's own orientation is kept as ``source_ornt`` to write results in it."""
+    data = np.asarray(data, dtype=np.float32)
+    affine = np.asarray(affine, dtype=np.float64)
+    source_ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    to_ras = nib.orientations.ornt_transform(source_ornt, ras)
+    data_ras = nib.orientations.apply_orientation(data, to_ras)
+    affine_ras = affine @ nib.orientations.inv_ornt_aff(to_ras, data.shape)
+    return Volume(
+        data=np.ascontiguousarray(data_ras, dtype=np.float32),
+        affine=affine_ras,
+        source_ornt=source_ornt,
+        path=str(path),
+        header_dtype=header_dtype or str(data.dtype),
+    )
 
 
 def load_volume(
@@ -207,23 +252,8 @@ def load_volume(
     except Exception as err:  # truncated gzip, a header that promises more data than the file holds, ...
         raise VolumeError(path, f"unreadable image data ({type(err).__name__}: {err})") from err
     data = data.reshape(shape)
-    if not np.isfinite(data).all():
-        raise VolumeError(path, f"contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
-    if data.min() == data.max():
-        raise VolumeError(path, f"constant volume (every voxel is {data.flat[0]:g}): nothing to super-resolve")
-    affine = img.affine
-    source_ornt = nib.orientations.io_orientation(affine)
-    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
-    to_ras = nib.orientations.ornt_transform(source_ornt, ras)
-    data_ras = nib.orientations.apply_orientation(data, to_ras)
-    affine_ras = affine @ nib.orientations.inv_ornt_aff(to_ras, data.shape)
-    return Volume(
-        data=np.ascontiguousarray(data_ras, dtype=np.float32),
-        affine=affine_ras,
-        source_ornt=source_ornt,
-        path=str(path),
-        header_dtype=str(img.get_data_dtype()),
-    )
+    check_values(path, data)
+    return volume_from_array(data, img.affine, path, header_dtype=str(img.get_data_dtype()))
 
 
 @contextmanager

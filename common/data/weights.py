@@ -52,11 +52,13 @@ def verify_listed(path: str | os.PathLike, large_files: str | os.PathLike | None
         InputFileError: the file is missing, or its hash differs from the listed one (both hashes named).
     """
     path = Path(path)
+    listed = None if is_unset(large_files) or not Path(large_files).is_file() else listed_hash(large_files, path)
     if not path.is_file():
-        raise InputFileError(path, "no such weights file")
+        hint = (f": it is listed in {large_files}; fetch it with `python -m monai.bundle download_large_files "
+                f"--bundle_path {Path(large_files).parent}`") if listed else ""
+        raise InputFileError(path, "no such weights file" + hint)
     if is_unset(large_files) or not Path(large_files).is_file():
         return False
-    listed = listed_hash(large_files, path)
     if listed is None:
         logger.info("%s is not listed in %s: loaded without a hash check", path, large_files)
         return False

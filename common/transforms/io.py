@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from common.data.io import Volume, hr_affine, load_volume, nifti_stem, save_volume
+from common.data.io import Volume, check_size, check_values, hr_affine, load_volume, nifti_stem, save_volume
 from common.transforms.intensity import invert_normalization
 
-__all__ = ["volume_to_metatensor", "LoadVolumed", "SaveSRd", "SplitMeanStdd"]
+__all__ = ["volume_to_metatensor", "LoadVolumed", "SRResult", "SaveSRd", "SplitMeanStdd"]
 
 logger = logging.getLogger("common")
 
@@ -38,8 +39,11 @@ def volume_to_metatensor(vol: Volume) -> MetaTensor:
 class LoadVolumed(MapTransform):
     """Load NIfTI paths with :func:`common.data.load_volume` (RAS, float32, checked) into MetaTensors.
 
+    A :class:`common.data.Volume` already in memory (e.g. built from a DICOM series by the Deploy application)
+    goes through the same size and value checks, so both paths accept and refuse the same volumes.
+
     Args:
-        keys: keys holding file paths.
+        keys: keys holding file paths or :class:`common.data.Volume` objects.
         min_shape: smallest volume the method accepts; smaller inputs stop with an error naming the file.
         scale_factor: the method's upsampling factors: a volume whose output would not fit in the memory
             available stops with an error before its voxels are read.
@@ -58,8 +62,30 @@ class LoadVolumed(MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = volume_to_metatensor(load_volume(d[key], self.min_shape, self.scale_factor))
+            vol = d[key]
+            if isinstance(vol, Volume):
+                check_size(vol.path, vol.data.shape, self.min_shape, self.scale_factor)
+                check_values(vol.path, vol.data)
+            else:
+                vol = load_volume(vol, self.min_shape, self.scale_factor)
+            d[key] = volume_to_metatensor(vol)
         return d
+
+
+@dataclass
+class SRResult:
+    """One output of :class:`SaveSRd`: a RAS float32 array on the HR grid and where and how it is written."""
+
+    key: str  # the prediction key, e.g. "pred" or "pred_std"
+    path: Path  # <output_dir>/<input stem><suffix>.nii.gz
+    data: np.ndarray  # (X, Y, Z) RAS, in the input's intensity units
+    affine: np.ndarray  # the HR grid's RAS voxel-to-world matrix
+    source_ornt: np.ndarray  # the input's orientation, in which the file is written
+    protect: str  # the input file, never overwritten
+
+    def save(self) -> Path:
+        """Write it with :func:`common.data.save_volume` (atomic, in the input's orientation)."""
+        return save_volume(self.path, self.data, self.affine, self.source_ornt, protect=[self.protect])
 
 
 class SaveSRd(MapTransform):
@@ -103,23 +129,29 @@ class SaveSRd(MapTransform):
         stem = nifti_stem(ref.meta["filename_or_obj"])
         return self.output_dir / f"{stem}{self.suffixes[key]}.nii.gz"
 
-    def __call__(self, data):
-        d = dict(data)
-        ref = d[self.ref_key]
+    def results(self, data: Mapping[Hashable, Any]) -> list[SRResult]:
+        """What :meth:`__call__` writes, without writing it (the Deploy application's writer operator saves
+        these), one :class:`SRResult` per prediction key present."""
+        ref = data[self.ref_key]
         affine = hr_affine(np.asarray(ref.affine, dtype=np.float64), self.scale_factor)
-        for key in self.key_iterator(d):
-            pred = d[key]
+        out = []
+        for key in self.key_iterator(dict(data)):
+            pred = data[key]
             arr = (pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)).detach().float()
             arr = arr.cpu().numpy()[0]
             if self.denormalize and "norm_lo" in ref.meta:
                 lo, hi = float(ref.meta["norm_lo"]), float(ref.meta["norm_hi"])
                 arr = arr * (hi - lo) if key in self.std_keys else invert_normalization(arr, lo, hi)
-            path = self.output_path(ref, key)
-            save_volume(
-                path, arr, affine, np.asarray(ref.meta["source_ornt"]), protect=[ref.meta["filename_or_obj"]]
-            )
-            logger.info("wrote %s", path)
-            d[f"{key}_path"] = str(path)
+            out.append(SRResult(key, self.output_path(ref, key), arr, affine,
+                                np.asarray(ref.meta["source_ornt"]), str(ref.meta["filename_or_obj"])))
+        return out
+
+    def __call__(self, data):
+        d = dict(data)
+        for result in self.results(d):
+            result.save()
+            logger.info("wrote %s", result.path)
+            d[f"{result.key}_path"] = str(result.path)
         return d
 
 
