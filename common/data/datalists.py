@@ -23,6 +23,7 @@ __all__ = [
     "evaluation_datalist",
     "build_datalist",
     "training_datalist",
+    "nilearn_file",
     "with_downscaled_copies",
 ]
 
@@ -31,15 +32,20 @@ __all__ = [
 EMBEDDED_SAMPLE = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
-def embedded_sample_path() -> Path:
-    """Path of the embedded sample volume shipped in the installed nilearn package (found without importing it)."""
+def nilearn_file(relative: str) -> Path:
+    """Path of a data file shipped in the installed nilearn package (found without importing it)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise VolumeError("nilearn", "package not installed: it carries the embedded sample (pip install nilearn)")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_SAMPLE
+        raise VolumeError("nilearn", f"package not installed: it carries {relative} (pip install nilearn)")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise VolumeError(path, "the embedded sample is missing from this nilearn install")
+        raise VolumeError(path, "missing from this nilearn install")
     return path
+
+
+def embedded_sample_path() -> Path:
+    """Path of the embedded sample volume shipped in the installed nilearn package (found without importing it)."""
+    return nilearn_file(EMBEDDED_SAMPLE)
 
 
 def inference_datalist(

@@ -143,6 +143,7 @@ def _quality(summary: dict, reference: dict) -> dict:
         "psnr_mask": summary["psnr_mask"], "ssim2d_mask": summary["ssim2d_mask"],
         "delta_psnr_mask": summary["psnr_mask"] - reference["psnr_mask"],
         "delta_ssim2d_mask": summary["ssim2d_mask"] - reference["ssim2d_mask"],
+        **{k: summary[k] for k, _, _ in TISSUE_COLUMNS if summary.get(k) is not None},
     }
 
 
@@ -174,12 +175,14 @@ def run(
     pad_to: Sequence[int] | None = None,
     edge_width: float | None = None,
     per_subject: bool = False,
+    brain_mask: str | None = None,
 ) -> list[dict]:
     """Benchmark rows: first the interpolation baselines of :data:`common.evaluation.BASELINES` (scored on the same
     LR inputs as the bundles, no timings), then one row per bundle (means over the volumes), each preceded by one
     row per volume when ``per_subject``. Gains are over the cubic B-spline. ``pad_to`` zero-pads each HR volume,
     centred, to at least that shape (e.g. 256³ for speed and memory at a fixed size); ``edge_width`` (voxels) adds
-    the gains in the head mask's boundary band and interior (:func:`edge_gains`)."""
+    the gains in the head mask's boundary band and interior (:func:`edge_gains`); ``brain_mask="nonzero"`` takes
+    each HR volume's non-zero voxels as its brain (skull-stripped references) and adds the tissue Dice columns."""
     rows, baseline_rows = [], {mode: [] for mode in BASELINES}
     for b, spec in enumerate(bundles):
         name, overrides = parse_bundle_spec(spec)
@@ -203,7 +206,8 @@ def run(
             peak = peak_rss_mb()
             sr = invert_normalization(pred.numpy(), float(lo), float(hi))
             subject = nifti_stem(path)
-            scored = score_sr(sr, hr, lr, scale, DEGRADATIONS[degradation](scale), subject=subject)
+            brain = hr[0].numpy() > 0 if brain_mask == "nonzero" else None
+            scored = score_sr(sr, hr, lr, scale, DEGRADATIONS[degradation](scale), subject=subject, brain_mask=brain)
             shape = "x".join(str(s) for s in sr.shape[-3:])
             per_volume.append(
                 {
@@ -250,11 +254,13 @@ COLUMNS = [
 
 
 EDGE_COLUMNS = [("delta_psnr_edge", "Δ PSNR edge", "{:+.2f}"), ("delta_psnr_inner", "Δ PSNR interior", "{:+.2f}")]
+TISSUE_COLUMNS = [("tissue_dice_csf", "Dice CSF", "{:.3f}"), ("tissue_dice_gm", "Dice GM", "{:.3f}"),
+                  ("tissue_dice_wm", "Dice WM", "{:.3f}")]
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of benchmark rows (with the edge/interior columns when a row has them)."""
-    columns = COLUMNS + ([c for c in EDGE_COLUMNS if any(c[0] in r for r in rows)])
+    """Markdown table of benchmark rows (with the edge/interior and tissue Dice columns when a row has them)."""
+    columns = COLUMNS + ([c for c in EDGE_COLUMNS + TISSUE_COLUMNS if any(c[0] in r for r in rows)])
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -279,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--flops", action="store_true", help="count FLOPs (one extra pass) to report GFLOP/s")
     ap.add_argument("--edge", type=float, default=None, metavar="WIDTH",
                     help="also report the gain in the head mask's boundary band of this width (voxels) and inside it")
+    ap.add_argument("--brain_mask", choices=["nonzero"], default=None,
+                    help="nonzero: each HR volume's non-zero voxels are its brain (skull-stripped references); adds "
+                         "the tissue Dice (CSF, GM, WM) of SR and of each baseline against HR")
     ap.add_argument("--per_subject", action="store_true", help="one row per volume above each bundle's mean row")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
@@ -291,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if missing:
             raise SystemExit(f"error: {args.data}: subjects not found: {sorted(missing)}")
     rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to, args.edge,
-               args.per_subject)
+               args.per_subject, args.brain_mask)
     print(f"degradation: {args.degradation} x{args.scale}; slices: {args.slices or 'all'}; "
           f"padded to: {args.pad_to or 'no'}; "
           f"volumes: {', '.join(nifti_stem(f) for f in files)}; torch threads: {torch.get_num_threads()}")

@@ -70,7 +70,7 @@ _TRUNCATE = 3.5  # scipy's radius int(3.5 * 1.5 + 0.5) = 5: the 11-tap window sc
 
 SUMMARY_KEYS = (
     "subject", "psnr", "psnr_mask", "ssim2d", "ssim2d_mask", "ssim3d", "ssim3d_mask", "lpips",
-    "data_consistency", "n_slices", "n_slices_scored",
+    "data_consistency", "n_slices", "n_slices_scored", "tissue_dice_csf", "tissue_dice_gm", "tissue_dice_wm",
 )
 
 

@@ -20,8 +20,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
-from common.data.io import atomic_path, nifti_stem, save_volume
+from common.data.io import atomic_path, load_volume, nifti_stem, save_volume
 from common.evaluation import figures, metrics, tables
+from common.evaluation.tissue import tissue_dice
 from common.transforms.degrade import BlockAverage, Degradation
 from common.transforms.intensity import invert_normalization, percentiles
 from common.transforms.mask import head_mask
@@ -85,6 +86,7 @@ def score_sr(
     degradation: Degradation | None = None,
     lpips: metrics.LPIPS | None = None,
     subject: str = "",
+    brain_mask=None,
 ) -> ScoredVolume:
     """Score an SR volume (input units) against HR, with the interpolation baselines of the same LR volume.
 
@@ -96,6 +98,8 @@ def score_sr(
         degradation: the LR simulation, for data consistency (block averaging when None).
         lpips: optional LPIPS metric object.
         subject: name for the tables.
+        brain_mask: when given (HR grid), SR and every baseline also get the tissue Dice against HR per class
+            (``tissue_dice_csf``/``_gm``/``_wm``, :func:`common.evaluation.tissue_dice`).
     """
     sr, hr, lr = _plain(sr_units), _plain(hr_units), _plain(lr_units)
     hr = hr[tuple(slice(0, s) for s in sr.shape)]
@@ -123,6 +127,10 @@ def score_sr(
         baselines[mode], baseline_rows[mode] = metrics.evaluate_volume(
             unit(upsampled[mode]), unit(hr), mask=mask, subject=subject
         )
+    if brain_mask is not None:
+        brain = _plain(brain_mask)[tuple(slice(0, n) for n in sr.shape)] > 0
+        for summary, volume in ((sr_summary, sr), *((baselines[m], upsampled[m]) for m in BASELINES)):
+            summary.update({f"tissue_dice_{k}": v for k, v in tissue_dice(unit(volume), unit(hr), brain).items()})
     volumes = {"LR (nearest)": unit(upsampled["nearest"]), **{m: unit(upsampled[m]) for m in BASELINES},
                "SR": unit(sr), "HR": unit(hr)}
     return ScoredVolume(subject, sr_summary, baselines, rows, baseline_rows, volumes, mask)
@@ -218,7 +226,12 @@ class SREvaluationHandler:
             sr, lr = _item_units(item)
             label = item["label"]
             subject = nifti_stem(label.meta["filename_or_obj"])
-            self.scored.append(score_sr(sr, label, lr, self.scale_factor, self.degradation, self.lpips, subject))
+            brain = item.get("brain_mask")  # a datalist entry with a brain mask also gets the tissue Dice
+            if isinstance(brain, (str, Path)):
+                brain = load_volume(brain).data
+            self.scored.append(
+                score_sr(sr, label, lr, self.scale_factor, self.degradation, self.lpips, subject, brain_mask=brain)
+            )
             s = self.scored[-1]
             logger.info(
                 "%s: PSNR (mask) %.2f dB vs cubic B-spline %.2f dB", subject, s.sr["psnr_mask"], s.reference["psnr_mask"]

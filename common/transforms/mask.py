@@ -9,7 +9,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-__all__ = ["head_mask", "HeadMaskd", "mask_depth", "HeadDepthd"]
+__all__ = ["head_mask", "largest_component", "HeadMaskd", "mask_depth", "HeadDepthd"]
 
 
 def head_mask(volume, threshold: float = 0.1, closing: int = 2) -> np.ndarray:
@@ -29,12 +29,16 @@ def head_mask(volume, threshold: float = 0.1, closing: int = 2) -> np.ndarray:
         pad = [(closing, closing)] * mask.ndim
         mask = ndimage.binary_closing(np.pad(mask, pad, mode="edge"), iterations=closing, border_value=0)
         mask = mask[tuple(slice(closing, -closing) for _ in range(mask.ndim))]
-    mask = ndimage.binary_fill_holes(mask)
+    return largest_component(ndimage.binary_fill_holes(mask))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a boolean mask (the mask itself when it has one or none)."""
     labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
-        mask = labels == (int(np.argmax(sizes)) + 1)
-    return mask
+    if n <= 1:
+        return np.asarray(mask, dtype=bool)
+    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
 
 
 class HeadMaskd(MapTransform):

@@ -89,3 +89,17 @@ def test_mean_row_of_different_shapes():
     assert mean == {"bundle": "b", "subject": "mean", "volumes": 2, "shape": "various", "psnr": 25.0,
                     "peak_rss_mb": 10.0}
     assert bench._mean_row("b", rows[:1])["shape"] == "4x4x4"
+
+
+def test_tissue_dice_columns_with_a_brain(tmp_path, mri_dir):
+    """``brain_mask="nonzero"`` on a skull-stripped real crop: SR and baselines get a tissue Dice per class."""
+    img = nib.load(str(mri_dir / "dev08b_cstar_stroke_t1_brain_8bit.nii.gz"))
+    crop = np.asarray(img.dataobj, dtype=np.float32)[50:70, 30:130, 30:110]
+    nib.save(nib.Nifti1Image(crop, img.affine), tmp_path / "brain.nii.gz")
+    ref, keys, linear = bench.run(["brain_mri_interpolation_super_resolution:mode=linear"],
+                                  [tmp_path / "brain.nii.gz"], brain_mask="nonzero")
+    for row in (ref, keys, linear):
+        assert all(0.3 < row[f"tissue_dice_{k}"] < 1.0 for k in ("csf", "gm", "wm")), row
+    assert "Dice GM" in bench.format_table([ref, keys, linear])
+    plain = bench.run(["brain_mri_interpolation_super_resolution:mode=linear"], [tmp_path / "brain.nii.gz"])
+    assert "tissue_dice_gm" not in plain[-1] and "Dice GM" not in bench.format_table(plain)
