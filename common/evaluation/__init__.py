@@ -1,5 +1,5 @@
-"""Evaluation floor: metrics (PSNR, SSIM 2D/3D, LPIPS, data consistency, tissue Dice), tables, figures and the scoring
-handlers of evaluate.json. The benchmark command is ``python -m common.evaluation.bench`` (not imported here).
+"""Evaluation floor: metrics (PSNR, SSIM 2D/3D, LPIPS, data consistency, tissue Dice), tables, figures and the
+scoring handlers of evaluate.json. The benchmark command is ``python -m common.evaluation.bench`` (not imported here).
 
 Each module's ``__all__`` is re-exported here (``common.evaluation.<name>``), as MONAI's packages do.
 """
