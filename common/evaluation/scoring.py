@@ -22,10 +22,11 @@ from monai.data import MetaTensor
 
 from common.data.io import atomic_path, load_volume, nifti_stem, save_volume
 from common.evaluation import figures, metrics, tables
-from common.evaluation.tissue import tissue_dice
+from common.evaluation.tissue import dice_per_class
 from common.transforms.degrade import BlockAverage, Degradation
 from common.transforms.intensity import invert_normalization, percentiles
 from common.transforms.mask import head_mask
+from common.transforms.tissue import segment_tissues
 from common.transforms.upsample import GridUpsample
 
 __all__ = ["REFERENCE", "BASELINES", "ScoredVolume", "score_sr", "SampleReportd", "SREvaluationHandler"]
@@ -129,8 +130,10 @@ def score_sr(
         )
     if brain_mask is not None:
         brain = _plain(brain_mask)[tuple(slice(0, n) for n in sr.shape)] > 0
+        reference = segment_tissues(unit(hr), brain)  # once, for SR and every baseline
         for summary, volume in ((sr_summary, sr), *((baselines[m], upsampled[m]) for m in BASELINES)):
-            summary.update({f"tissue_dice_{k}": v for k, v in tissue_dice(unit(volume), unit(hr), brain).items()})
+            dice = dice_per_class(segment_tissues(unit(volume), brain), reference)
+            summary.update({f"tissue_dice_{k}": v for k, v in dice.items()})
     volumes = {"LR (nearest)": unit(upsampled["nearest"]), **{m: unit(upsampled[m]) for m in BASELINES},
                "SR": unit(sr), "HR": unit(hr)}
     return ScoredVolume(subject, sr_summary, baselines, rows, baseline_rows, volumes, mask)

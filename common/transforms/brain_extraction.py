@@ -133,12 +133,18 @@ def atlas_tissue_priors(
     return {k: MetaTensor(v.as_tensor().clamp(0, 1), meta=dict(volume.meta)) for k, v in priors.items()}
 
 
-def brain_mask_from_priors(priors: dict[str, MetaTensor], keep_csf: bool = True, threshold: float = 0.5) -> MetaTensor:
-    """Brain mask from tissue probabilities: ``gm + wm (+ csf) >= threshold``, holes filled, largest component."""
+def brain_mask_from_priors(
+    priors: dict[str, MetaTensor], keep_csf: bool = True, threshold: float = 0.5, head=None
+) -> MetaTensor:
+    """Brain mask from tissue probabilities: ``gm + wm (+ csf) >= threshold``, holes filled, largest component,
+    cut to ``head`` (the scan's :func:`common.transforms.head_mask`) when given: maps registered at a working
+    resolution must not let the brain reach past the head into air."""
     prob = priors["gm"] + priors["wm"] + (priors["csf"] if keep_csf else 0.0)
     mask = largest_component(prob[0].numpy() >= threshold)
     if keep_csf:
         mask = ndimage.binary_fill_holes(mask)
+    if head is not None:
+        mask &= np.asarray(head, dtype=bool).reshape(mask.shape)
     return MetaTensor(torch.from_numpy(mask.astype(np.uint8))[None], meta=dict(priors["gm"].meta))
 
 
@@ -175,9 +181,7 @@ class AtlasBrainMaskd(MapTransform):
         d = dict(data)
         key = self.first_key(d)
         priors = atlas_tissue_priors(d[key], **self.kwargs)
-        mask = brain_mask_from_priors(priors, self.keep_csf, self.threshold)
-        # the maps were registered at working resolution: never let the brain reach past the scan's head into air
-        mask = mask * torch.from_numpy(head_mask(d[key][0].numpy()))[None].to(mask.dtype)
+        mask = brain_mask_from_priors(priors, self.keep_csf, self.threshold, head=head_mask(d[key][0].numpy()))
         d[self.mask_key] = mask
         if self.prior_key is not None:
             d.update({f"{self.prior_key}_{k}": v for k, v in priors.items()})

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from monai.data import MetaTensor
 from monai.transforms import CropForegroundd
 
@@ -90,18 +89,20 @@ def prepare_pair(
         return result
 
     d = timed("load", LoadVolumed(keys=("image", "label")), {"image": str(image), "label": str(label)})
+    heads = {key: head_mask(d[key][0].numpy()) for key in ("image", "label")}
     for key, other in (("image", label), ("label", image)):
-        ml = head_mask(d[key][0].numpy()).sum() * abs(float(np.linalg.det(d[key].affine.numpy()[:3, :3]))) / 1000
+        ml = heads[key].sum() * abs(float(np.linalg.det(d[key].affine.numpy()[:3, :3]))) / 1000
         if ml < MIN_HEAD_ML:  # cheaper than N4 and an atlas registration that would fail after minutes
             raise RegistrationError(
                 d[key].meta["filename_or_obj"],
                 f"cannot be registered with {other}: its foreground is {ml:.0f} ml, not a head or brain "
                 f"(at least {MIN_HEAD_ML} ml)",
             )
-    hr = d["label"] / timed("n4", n4_bias_field, d["label"], **n4)
-    lr = d["image"] / timed("n4", n4_bias_field, d["image"], **n4)
+    # N4 fits in each scan's head mask (its default), computed once above
+    hr = d["label"] / timed("n4", n4_bias_field, d["label"], mask=heads["label"], **n4)
+    lr = d["image"] / timed("n4", n4_bias_field, d["image"], mask=heads["image"], **n4)
     priors = timed("brain_extraction", atlas_tissue_priors, hr, **brain)
-    mask = brain_mask_from_priors(priors) * torch.from_numpy(head_mask(hr[0].numpy()))[None]
+    mask = brain_mask_from_priors(priors, head=head_mask(hr[0].numpy())).float()
     hr = hr / timed("n4_in_brain", n4_bias_field, hr, mask=mask, **n4)
     moved = timed("registration", register, hr, lr, stages=stages, fixed_mask=mask, **registration).moved
     moved = moved / timed("n4_in_brain", n4_bias_field, moved, mask=mask, **n4)

@@ -16,6 +16,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
+from .intensity import percentiles
+
 __all__ = [
     "TissueModel",
     "fit_tissue_model",
@@ -176,8 +178,8 @@ class RandGMMIntensityd(RandomizableTransform, MapTransform):
             return d
         for key in self.key_iterator(d):
             model = fit_tissue_model(d[key], d[self.mask_key])
-            brain = _arr(d[key])[_arr(d[self.mask_key]) > 0]
-            span = float(np.subtract(*np.percentile(brain, [99, 1])[::-1]))
+            lo, hi = percentiles(_arr(d[key])[_arr(d[self.mask_key]) > 0])
+            span = hi - lo
             for _ in range(100):  # a reordering draw is drawn again (bounded: shifts within range always exist)
                 means = model.means + self._shift * span
                 if np.all(np.diff(means) > 0):
