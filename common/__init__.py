@@ -2,8 +2,8 @@
 
 Subpackages load on first attribute access, so a bundle config needs only ``"$import common"`` and can then
 name ``common.transforms.…`` or ``"_target_": "common.…"`` without importing what it does not use.
-Floors, lowest first (an import never runs back up): utils -> data -> transforms -> networks, diffusion ->
-inferers, engines -> evaluation, deploy.
+Floors, lowest first (an import never runs back up): utils -> data -> transforms -> networks, diffusion,
+losses -> inferers, engines -> evaluation, deploy.
 """
 
 import importlib
@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "utils", "data", "transforms", "networks", "diffusion", "inferers", "engines", "evaluation", "deploy",
+    "utils", "data", "transforms", "networks", "diffusion", "losses", "inferers", "engines", "evaluation", "deploy",
 }
 
 

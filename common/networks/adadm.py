@@ -1,0 +1,116 @@
+"""Adaptive deviation modulation (AdaDM) and the AdaDM residual block of the 3T -> 7T thesis generator (methods.md §4).
+
+AdaDM (Liu et al. 2023, "AdaDM: Enabling Normalization for Image Super-Resolution", reference code njulj/AdaDM)
+observes that normalisation inside a super-resolution network removes the range of the features, which the output
+needs; it gives it back by scaling the residual branch with a learned power of the block input's deviation:
+
+    h <- h * exp(w * ln(σ(x) + eps) + b) = h * e^b * (σ(x) + eps)^w,
+
+with σ(x) the standard deviation of each sample's block input over all its non-batch entries (channels and voxels)
+and w, b learned scalars initialised to w = 1, b = 0 (at initialisation the branch is scaled by σ(x) itself).
+
+:class:`AdaDMResBlock` is the residual block of the thesis's U-Net (the DDPM block of Ho et al. without the time
+embedding): ``(GroupNorm, SiLU, conv3) x 2`` on the residual branch, AdaDM on the branch's output, plus the skip
+(a 1x1 conv when the width changes). ``use_adadm=False`` gives the plain residual block of the ablation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from torch import Tensor, nn
+
+__all__ = ["AdaDM", "AdaDMResBlock"]
+
+
+def _conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, zero: bool = False) -> nn.Module:
+    """A size-preserving ``spatial_dims``-D convolution from MONAI's factory; ``zero``: weights and bias at 0."""
+    conv_type: Any = Conv[Conv.CONV, spatial_dims]
+    conv = conv_type(in_ch, out_ch, kernel_size=kernel_size, padding=kernel_size // 2)
+    if zero:
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+class AdaDM(nn.Module):
+    """``forward(h, x) = h * exp(w * ln(std(x) + eps) + b)``, std per sample over all non-batch dims of ``x``.
+
+    Args:
+        eps: added to the standard deviation inside the log (a constant input, e.g. an empty slice, gives a finite
+            scale ``eps^w`` and, with torch's ``std`` backward, a zero gradient instead of ``-inf``/NaN).
+        init_weight: initial ``w`` (1: the branch starts scaled by the input's deviation, as in the paper).
+        init_bias: initial ``b`` (0).
+    """
+
+    def __init__(self, eps: float = 1e-6, init_weight: float = 1.0, init_bias: float = 0.0) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.full((1,), float(init_weight)))
+        self.bias = nn.Parameter(torch.full((1,), float(init_bias)))
+
+    def forward(self, h: Tensor, x: Tensor) -> Tensor:
+        """Scale ``h`` (B, ...) by the modulated deviation of ``x`` (B, ...), one factor per sample.
+
+        Args:
+            h: the residual branch's output.
+            x: the block's input (its statistics only; any shape with the same batch size).
+        """
+        # the statistic in float32: under bf16 autocast the sum of 10^5-10^6 squares loses the deviation's digits
+        std = x.float().flatten(1).std(dim=1)
+        scale = torch.exp(self.weight * torch.log(std + self.eps) + self.bias)
+        while scale.dim() < h.dim():
+            scale = scale.unsqueeze(-1)
+        return h * scale.to(h.dtype)
+
+
+class AdaDMResBlock(nn.Module):
+    """Residual block ``skip(x) + AdaDM(branch(x), x)``, ``branch = (GroupNorm, SiLU, conv3) x 2``, 2D or 3D.
+
+    Args:
+        spatial_dims: number of spatial axes (2 or 3).
+        in_channels: input channels.
+        out_channels: output channels (a 1x1 conv projects the skip when it differs from ``in_channels``).
+        norm_num_groups: GroupNorm groups; must divide both ``in_channels`` and ``out_channels``.
+        use_adadm: modulate the branch with :class:`AdaDM`; False gives a plain residual block (the ablation),
+            with no AdaDM parameters.
+        norm_eps: GroupNorm epsilon (1e-6, as MONAI's diffusion U-Net).
+        adadm_eps: the eps of :class:`AdaDM`.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        norm_num_groups: int = 32,
+        use_adadm: bool = True,
+        norm_eps: float = 1e-6,
+        adadm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        for c in (in_channels, out_channels):
+            if c % norm_num_groups:
+                raise ValueError(f"norm_num_groups ({norm_num_groups}) must divide the block's channels ({c})")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=norm_eps)
+        self.conv1 = _conv(spatial_dims, in_channels, out_channels, 3)
+        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=norm_eps)
+        # Zero-initialised (weights and bias): the branch outputs 0, so the block starts as its skip and a deep stack
+        # starts as a short chain of convolutions (well-conditioned, as in Ho et al.'s DDPM U-Net). It matters more
+        # with AdaDM: the branch is multiplied by std(x), which is unbounded, and a random branch would compound
+        # that gain block after block at initialisation.
+        self.conv2 = _conv(spatial_dims, out_channels, out_channels, 3, zero=True)
+        self.skip = nn.Identity() if in_channels == out_channels else _conv(spatial_dims, in_channels, out_channels, 1)
+        self.use_adadm = bool(use_adadm)
+        self.adadm = AdaDM(adadm_eps) if use_adadm else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.adadm is not None:
+            h = self.adadm(h, x)
+        return self.skip(x) + h
