@@ -1,13 +1,14 @@
 """Data floor: NIfTI input/output with geometry and atomic writes, datalists (inference, evaluation, training
-splits, covariates), the embedded sample, and dataset helpers. Imports nothing else of ``common`` but ``common.utils``.
+splits), covariates, the embedded sample, and dataset helpers. Imports nothing else of ``common`` but ``common.utils``.
 
 Each module's ``__all__`` is re-exported here (``common.data.<name>``), as MONAI's packages do.
 """
 
-from . import datalists, dataset, io, weights
+from . import covariates, datalists, dataset, io, weights
+from .covariates import *  # noqa: F401,F403
 from .datalists import *  # noqa: F401,F403
 from .dataset import *  # noqa: F401,F403
 from .io import *  # noqa: F401,F403
 from .weights import *  # noqa: F401,F403
 
-__all__ = [*io.__all__, *weights.__all__, *datalists.__all__, *dataset.__all__]
+__all__ = [*io.__all__, *weights.__all__, *datalists.__all__, *dataset.__all__, *covariates.__all__]

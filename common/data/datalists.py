@@ -25,6 +25,7 @@ __all__ = [
     "training_datalist",
     "nilearn_file",
     "with_downscaled_copies",
+    "refuse_real_pairs",
 ]
 
 
@@ -210,3 +211,19 @@ def with_downscaled_copies(split: dict[str, list[dict]], factors: Sequence[int] 
         for f in factors for item in split["training"]
     ]
     return {**split, "training": list(split["training"]) + copies}
+
+
+def refuse_real_pairs(split: dict[str, list[dict]], datalist: str | None = None) -> dict[str, list[dict]]:
+    """``split`` unchanged when its training items are HR volumes alone; an error when they give real LR/HR pairs
+    (an ``image`` key), for a training config whose data path simulates LR from HR and would otherwise ignore the
+    user's LR scans without a word.
+
+    Args:
+        split: ``{"training": [...], "validation": [...]}``.
+        datalist: the datalist file, named in the error.
+    """
+    if any("image" in item for item in split.get("training", [])):
+        raise VolumeError(datalist or "datalist", "its items give real LR/HR pairs ('image' and 'label'), which this "
+                          "training config does not train on yet: it simulates LR from each 'label'; give HR "
+                          "volumes alone ('label')")
+    return split

@@ -20,12 +20,41 @@ import torch
 from monai.transforms import Transform
 from torch import Tensor
 
+from common.data.covariates import COVARIATE_NAMES, encode_covariates
 from common.transforms.degrade import BlockAverage
 from common.transforms.slices import RandSlicePatchd
 from common.transforms.upsample import GridUpsample
 from common.utils import plain_tensor
 
-__all__ = ["RandResimulatedSlicePatchd"]
+__all__ = ["RandResimulatedSlicePatchd", "slice_position", "CovariateContextd"]
+
+
+def slice_position(index: int | Tensor, num_slices: int) -> float | Tensor:
+    """Position of slice ``index`` of ``num_slices`` relative to the middle slice: -1 first, 0 middle, 1 last."""
+    half = max((num_slices - 1) / 2.0, 1.0)
+    return (index - (num_slices - 1) / 2.0) / half
+
+
+class CovariateContextd(Transform):
+    """``context`` = ``[age / 100, sex, group, slice position]`` (float32, NaN = unknown) of a patch, the
+    vector :class:`common.networks.CovariateEncoder` reads (encoding: :func:`common.data.encode_covariates`).
+    The raw covariates and the position are removed: items that state different covariates still collate.
+
+    Args:
+        position_key: key of the slice position (:class:`RandResimulatedSlicePatchd` ``position_key``).
+        output_key: where the context vector goes.
+    """
+
+    def __init__(self, position_key: str = "slice_position", output_key: str = "context") -> None:
+        self.position_key, self.output_key = position_key, output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        position = float(d.get(self.position_key, math.nan))
+        d[self.output_key] = torch.tensor([*encode_covariates(d), position], dtype=torch.float32)
+        for key in (*COVARIATE_NAMES, self.position_key):
+            d.pop(key, None)
+        return d
 
 
 class RandResimulatedSlicePatchd(RandSlicePatchd):
@@ -62,6 +91,10 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         strip_depth_range: range of the stripping depth in voxels (scalp and skull are about 5-15 mm thick).
         depth_key: key of the depth map (needed when ``strip_prob`` > 0).
         margin: LR voxels of context on each side (>= the upsampling kernel's radius keeps crops exact).
+        position_key: also output the drawn slice's position relative to the middle slice under this key, in
+            [-1, 1] along the drawn slice axis (the attention U-Net's context); None: not output.
+        keep_keys: keys of the input item copied into every patch (e.g. the covariates ``age``, ``sex``,
+            ``group``); missing ones are left out.
         kwargs: the other :class:`common.transforms.RandSlicePatchd` arguments.
     """
 
@@ -82,9 +115,12 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         strip_depth_range: Sequence[float] = (4.0, 16.0),
         depth_key: str = "head_depth",
         margin: int = 4,
+        position_key: str | None = None,
+        keep_keys: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(patch_size, offsets, scale_factor, **kwargs)
+        self.position_key, self.keep_keys = position_key, tuple(keep_keys)
         fy, fz = self.scale_factor
         self.degradation = degradation if degradation is not None else BlockAverage((1, fy, fz))
         self.upsample = GridUpsample((fy, fz), upsample_mode)
@@ -125,7 +161,9 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         hi = min(start + patch + self.margin * f, size - size % f)
         return lo, hi
 
-    def _one_resimulated(self, hr: Tensor, fg_slices: Tensor, depth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _one_resimulated(
+        self, hr: Tensor, fg_slices: Tensor, depth: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, int]:
         # the usable in-plane extent: whole LR voxels only, as the degradation crops
         usable = [hr.shape[1 + a] - hr.shape[1 + a] % self.scale_factor[a] for a in range(2)]
         i, idx, starts = self._draw(hr, fg_slices, usable)
@@ -145,7 +183,7 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
             cond = self.upsample(self.degradation(stack[:-1][None]))[0]
         sl = tuple(slice(s, s + e) for s, e in zip(inner, extent))
         label, cond = stack[-1][sl][None], cond[(slice(None),) + sl]
-        return self._pad(cond, label)
+        return (*self._pad(cond, label), i)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict | list[dict]:
         d = dict(data)
@@ -160,6 +198,10 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
             axis = axes[self.R.randint(len(axes))] if len(axes) > 1 else axes[0]
             hr = volume.movedim(axis, 0)
             depth_axis = depth.movedim(axis, 0) if depth is not None else None
-            cond, label = self._one_resimulated(hr, self._foreground_slices(hr, fractions, axis), depth_axis)
-            out.append({self.output_cond_key: cond, self.label_key: label})
+            cond, label, i = self._one_resimulated(hr, self._foreground_slices(hr, fractions, axis), depth_axis)
+            patch = {self.output_cond_key: cond, self.label_key: label}
+            patch.update({k: d[k] for k in self.keep_keys if k in d})
+            if self.position_key is not None:
+                patch[self.position_key] = slice_position(i, hr.shape[0])
+            out.append(patch)
         return out if self.num_samples > 1 else out[0]

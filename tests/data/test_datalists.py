@@ -38,3 +38,12 @@ def test_embedded_sample_is_the_mni_template(mri_dir):
     tmpl = next(v for v in manifest["volumes"] if v["file"].startswith("tmpl_mni152"))
     assert vol.data.shape == tuple(tmpl["shape"])
     assert inference_datalist(None)[0]["label"] == str(path)
+
+
+def test_real_pairs_refused_by_simulating_configs():
+    from common.data import refuse_real_pairs
+
+    hr_only = {"training": [{"label": "a.nii.gz"}], "validation": [{"label": "b.nii.gz"}]}
+    assert refuse_real_pairs(hr_only, "d.json") is hr_only
+    with pytest.raises(VolumeError, match="d.json.*real LR/HR pairs"):
+        refuse_real_pairs({"training": [{"image": "lr.nii.gz", "label": "a.nii.gz"}]}, "d.json")

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from monai.transforms import Spacing
 
+from conftest import REPO
+
 from common.transforms import LoadVolumed, RegistrationError, RicianNoise, ThickSlices, prepare_pairs
 
 # small settings: the thesis's N4 schedule and full-resolution registration take minutes per 256^3 scan
@@ -35,15 +37,13 @@ def raw_pair(tmp_path_factory, mri_dir):
 
 
 def test_prepare_through_bundle_run_then_resume(raw_pair, tmp_path):
-    config = {
-        "imports": ["$import common"],
-        "datalist": str(raw_pair / "raw.json"),
-        "output_dir": str(tmp_path / "prepared"),
-        "settings": FAST,
-        "run": "$common.transforms.prepare_pairs(@datalist, @output_dir, **@settings)",
-    }
-    (tmp_path / "prepare.json").write_text(json.dumps(config))
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(tmp_path / "prepare.json")]
+    """The attention U-Net bundle's configs/prepare.json (the thesis chain's entry point), at small settings."""
+    bundle = REPO / "bundles" / "brain_mri_attention_unet_super_resolution"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "prepare.json"),
+               "--bundle_root", str(bundle), "--datalist", str(raw_pair / "raw.json"),
+               "--output_dir", str(tmp_path / "prepared")]
+    for key, value in FAST.items():
+        command += [f"--{key}", json.dumps(value)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listing = json.loads((tmp_path / "prepared" / "datalist_prepared.json").read_text())
