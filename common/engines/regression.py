@@ -1,6 +1,7 @@
 """The batch of the 2.5D regression baseline: (conditioning, HR) for the stock ``SupervisedTrainer``, so
 ``MSELoss`` is the plain regression loss of :class:`common.networks.RegressionSR`. ``configs/regression.json`` of
-the 2.5D bundle switches a run to it.
+the 2.5D bundle switches a run to it. With ``context_key`` it also hands the per-sample covariate context to the
+network: the batch of the attention U-Net bundle (any single-pass supervised loss).
 """
 
 from __future__ import annotations

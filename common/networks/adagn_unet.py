@@ -40,6 +40,8 @@ from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
 __all__ = [
+    "spatial_sizes",
+    "padding_to_multiple",
     "AdaGNUNet",
     "AdaGroupNorm",
     "AttentionBlock",
@@ -74,6 +76,22 @@ def _conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, stride: 
     conv_type: Any = Conv[Conv.CONV, spatial_dims]
     return conv_type(in_ch, out_ch, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2)
 
+
+
+def spatial_sizes(x: Tensor, spatial_dims: int) -> list[int]:
+    """The spatial sizes of a (B, C, *spatial) tensor, for cropping back after :func:`padding_to_multiple`."""
+    sizes: list[int] = []
+    for d in range(spatial_dims):
+        sizes.append(x.shape[2 + d])
+    return sizes
+
+
+def padding_to_multiple(sizes: list[int], multiple: int) -> list[int]:
+    """``F.pad`` widths (last axis first, at the far end) that bring ``sizes`` up to a multiple of ``multiple``."""
+    pads: list[int] = []
+    for d in range(len(sizes) - 1, -1, -1):
+        pads.extend([0, (multiple - sizes[d] % multiple) % multiple])
+    return pads
 
 class FourierFeatures(nn.Module):
     """Fourier features of a scalar per sample: ``[cos 2πcW, sin 2πcW]`` with a fixed ``W ~ N(0, 1)``.
@@ -332,14 +350,8 @@ class AdaGNUNet(nn.Module):
         cond = self.cond_proj(emb)
 
         h = self.conv_in(x)
-        m = self.pad_multiple
-        sizes: list[int] = []
-        pads: list[int] = []
-        for d in range(self.spatial_dims):
-            sizes.append(x.shape[2 + d])
-        for d in range(self.spatial_dims - 1, -1, -1):  # F.pad lists the last axis first
-            pads.extend([0, (m - sizes[d] % m) % m])
-        h = F.pad(h, pads)
+        sizes = spatial_sizes(x, self.spatial_dims)
+        h = F.pad(h, padding_to_multiple(sizes, self.pad_multiple))
 
         skips: list[Tensor] = []
         for level in self.encoder:

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Pool
 from torch import Tensor, nn
 
+from common.networks.adagn_unet import padding_to_multiple, spatial_sizes
+
 from .adadm import AdaDMResBlock, _conv
 
 __all__ = ["COVARIATES", "CovariateEncoder", "SpatialAttention", "AttentionResUNet"]
@@ -329,14 +331,8 @@ class AttentionResUNet(nn.Module):
             tokens = encoder(context.to(x.device))
 
         h = self.stem(x)
-        m = self.pad_multiple
-        sizes: list[int] = []
-        pads: list[int] = []
-        for d in range(self.spatial_dims):
-            sizes.append(x.shape[2 + d])
-        for d in range(self.spatial_dims - 1, -1, -1):  # F.pad lists the last axis first
-            pads.extend([0, (m - sizes[d] % m) % m])
-        h = F.pad(h, pads)
+        sizes = spatial_sizes(x, self.spatial_dims)
+        h = F.pad(h, padding_to_multiple(sizes, self.pad_multiple))
 
         skips: list[Tensor] = []
         for i, stage in enumerate(self.encoder):

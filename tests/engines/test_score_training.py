@@ -12,16 +12,11 @@ from common.engines.sigma_max import estimate_sigma_max, main, sample_crops
 from common.networks.score_net import ScoreNet
 from common.transforms.pipelines import hr_preprocessing
 from common.transforms.slices import random_slice_crops
+from phantoms import head_phantom
 
 
 def _phantom(shape=(12, 40, 36), seed=0) -> np.ndarray:
-    """A head-like ellipsoid with texture in air, in arbitrary units, the first 3 sagittal slices empty."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    head = (x**2 / 0.8 + y**2 / 0.7 + z**2 / 0.7) < 1
-    vol = np.where(head, 800 + 200 * np.sin(6 * y) * np.cos(5 * z) + 30 * rng.standard_normal(shape), 0.0)
-    vol[:3] = 0
-    return vol.astype(np.float32)
+    return head_phantom(shape, seed)
 
 
 @pytest.fixture(scope="module")
