@@ -1,5 +1,6 @@
 """Training and run-time pieces around MONAI's ignite engines: prepare-batch classes per training family (EDM,
-regression, VE score), the WGAN-GP trainer, handlers, checkpoints (resume, final weights, weight loading) and the bad-input hook.
+regression, VE score), the WGAN-GP trainer, handlers, checkpoints (resume, final weights, weight loading) and the
+bad-input hook.
 
 Each module's ``__all__`` is re-exported here (``common.engines.<name>``), as MONAI's packages do.
 The feature encoder's training command, ``python -m common.engines.feature_training``, is not imported here.

@@ -1,5 +1,6 @@
 """Inferers, one module per inference family: 2.5D EDM slices, the 3D EDM volume sampler and its windowed
-denoiser, SRMRI's score sampler, single-pass slice networks with a covariate context; plus what they share (autocast, the K-sample mean/std, progress).
+denoiser, SRMRI's score sampler, single-pass slice networks with a covariate context; plus what they share
+(autocast, the K-sample mean/std, progress).
 
 Each module's ``__all__`` is re-exported here (``common.inferers.<name>``), as MONAI's packages do.
 """
@@ -12,4 +13,5 @@ from .score import *  # noqa: F401,F403
 from .utils import *  # noqa: F401,F403
 from .windowed import *  # noqa: F401,F403
 
-__all__ = [*utils.__all__, *edm_slice.__all__, *windowed.__all__, *edm_volume.__all__, *score.__all__, *single_pass.__all__]
+__all__ = [*utils.__all__, *edm_slice.__all__, *windowed.__all__, *edm_volume.__all__, *score.__all__,
+           *single_pass.__all__]

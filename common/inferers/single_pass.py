@@ -59,7 +59,8 @@ class SliceContextInferer(Inferer):
         super().__init__()
         self.scale_factor = tuple(int(f) for f in scale_factor)
         if len(self.scale_factor) != 3 or self.scale_factor[0] != 1:
-            raise ValueError(f"slice super-resolution is in-plane: scale_factor must be (1, fy, fz), got {scale_factor}")
+            raise ValueError(f"slice super-resolution is in-plane: scale_factor must be (1, fy, fz), "
+                             f"got {scale_factor}")
         self.offsets = tuple(int(o) for o in offsets)
         self.covariates = encode_covariates(covariates or {})
         self.use_context, self.slice_batch = bool(use_context), int(slice_batch)

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
-__all__ = ["AdaDM", "AdaDMResBlock"]
+__all__ = ["same_conv", "AdaDM", "AdaDMResBlock"]
 
 
-def _conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, zero: bool = False) -> nn.Module:
+def same_conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, zero: bool = False) -> nn.Module:
     """A size-preserving ``spatial_dims``-D convolution from MONAI's factory; ``zero``: weights and bias at 0."""
     conv_type: Any = Conv[Conv.CONV, spatial_dims]
     conv = conv_type(in_ch, out_ch, kernel_size=kernel_size, padding=kernel_size // 2)
@@ -97,14 +97,15 @@ class AdaDMResBlock(nn.Module):
                 raise ValueError(f"norm_num_groups ({norm_num_groups}) must divide the block's channels ({c})")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=norm_eps)
-        self.conv1 = _conv(spatial_dims, in_channels, out_channels, 3)
+        self.conv1 = same_conv(spatial_dims, in_channels, out_channels, 3)
         self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=norm_eps)
         # Zero-initialised (weights and bias): the branch outputs 0, so the block starts as its skip and a deep stack
         # starts as a short chain of convolutions (well-conditioned, as in Ho et al.'s DDPM U-Net). It matters more
         # with AdaDM: the branch is multiplied by std(x), which is unbounded, and a random branch would compound
         # that gain block after block at initialisation.
-        self.conv2 = _conv(spatial_dims, out_channels, out_channels, 3, zero=True)
-        self.skip = nn.Identity() if in_channels == out_channels else _conv(spatial_dims, in_channels, out_channels, 1)
+        self.conv2 = same_conv(spatial_dims, out_channels, out_channels, 3, zero=True)
+        self.skip = (nn.Identity() if in_channels == out_channels
+                     else same_conv(spatial_dims, in_channels, out_channels, 1))
         self.use_adadm = bool(use_adadm)
         self.adadm = AdaDM(adadm_eps) if use_adadm else None
 

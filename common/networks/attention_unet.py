@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from common.networks.adagn_unet import padding_to_multiple, spatial_sizes
 
-from .adadm import AdaDMResBlock, _conv
+from .adadm import AdaDMResBlock, same_conv
 
 __all__ = ["COVARIATES", "CovariateEncoder", "SpatialAttention", "AttentionResUNet"]
 
@@ -208,7 +208,7 @@ class _Upsample(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv = _conv(spatial_dims, in_channels, out_channels, 3)
+        self.conv = same_conv(spatial_dims, in_channels, out_channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -284,7 +284,7 @@ class AttentionResUNet(nn.Module):
         self.covariate_encoder: Optional[CovariateEncoder] = (
             CovariateEncoder(int(context_dim or 0), covariate_kinds) if use_context else None
         )
-        self.stem = _conv(spatial_dims, in_channels, channels[0], 3)
+        self.stem = same_conv(spatial_dims, in_channels, channels[0], 3)
         pool_type: Any = Pool[Pool.MAX, spatial_dims]
         self.pool = pool_type(kernel_size=2)
 
@@ -312,7 +312,7 @@ class AttentionResUNet(nn.Module):
         self.head = nn.Sequential(
             nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps),
             nn.SiLU(),
-            _conv(spatial_dims, channels[0], out_channels, 3, zero=True),  # untrained output: 0 (+ the residual)
+            same_conv(spatial_dims, channels[0], out_channels, 3, zero=True),  # untrained output: 0 (+ the residual)
         )
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:

@@ -39,8 +39,10 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.factories import Pool
 from torch import Tensor, nn
+
+from common.networks.adadm import same_conv
 
 __all__ = [
     "ScoreNet",
@@ -62,13 +64,6 @@ def gn_groups(channels: int) -> int:
     return groups
 
 
-def _conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, zero: bool = False) -> nn.Module:
-    conv_type: Any = Conv[Conv.CONV, spatial_dims]
-    conv = conv_type(in_ch, out_ch, kernel_size=kernel_size, padding=kernel_size // 2)
-    if zero:
-        nn.init.zeros_(conv.weight)
-        nn.init.zeros_(conv.bias)
-    return conv
 
 
 class GaussianFourierProjection(nn.Module):
@@ -117,14 +112,14 @@ class BigGANResBlock(nn.Module):
             raise ValueError(f"resample must be 'none', 'down' or 'up', got {resample!r}")
         self.resample = resample
         self.norm0 = nn.GroupNorm(gn_groups(in_channels), in_channels, eps=1e-6)
-        self.conv0 = _conv(spatial_dims, in_channels, out_channels, 3)
+        self.conv0 = same_conv(spatial_dims, in_channels, out_channels, 3)
         self.dense = nn.Linear(temb_channels, out_channels)
         nn.init.zeros_(self.dense.bias)
         self.norm1 = nn.GroupNorm(gn_groups(out_channels), out_channels, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
-        self.conv1 = _conv(spatial_dims, out_channels, out_channels, 3, zero=True)
+        self.conv1 = same_conv(spatial_dims, out_channels, out_channels, 3, zero=True)
         needs_skip = in_channels != out_channels or resample != "none"
-        self.skip = _conv(spatial_dims, in_channels, out_channels, 1) if needs_skip else nn.Identity()
+        self.skip = same_conv(spatial_dims, in_channels, out_channels, 1) if needs_skip else nn.Identity()
         pool_type: Any = Pool[Pool.AVG, spatial_dims]
         self.pool = pool_type(kernel_size=2, stride=2)
         self.spatial_dims = spatial_dims
@@ -162,8 +157,8 @@ class SelfAttention(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, skip_rescale: bool = True) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(gn_groups(channels), channels, eps=1e-6)
-        self.qkv = _conv(spatial_dims, channels, 3 * channels, 1)
-        self.proj = _conv(spatial_dims, channels, channels, 1, zero=True)
+        self.qkv = same_conv(spatial_dims, channels, 3 * channels, 1)
+        self.proj = same_conv(spatial_dims, channels, channels, 1, zero=True)
         self.scale = 1.0 / math.sqrt(2.0) if skip_rescale else 1.0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -241,7 +236,7 @@ class ScoreNet(nn.Module):
         self.temb = nn.Sequential(nn.Linear(2 * nf, temb), nn.SiLU(), nn.Linear(temb, temb))
         for layer in (self.temb[0], self.temb[2]):
             nn.init.zeros_(layer.bias)
-        self.conv_in = _conv(spatial_dims, in_channels, nf, 3)
+        self.conv_in = same_conv(spatial_dims, in_channels, nf, 3)
 
         encoder, skip_ch, ch = [], [nf], nf
         for i, w in enumerate(widths):
@@ -270,7 +265,7 @@ class ScoreNet(nn.Module):
             decoder.append(_Level(blocks, attns, up))
         self.decoder = nn.ModuleList(decoder)
         self.norm_out = nn.GroupNorm(gn_groups(ch), ch, eps=1e-6)
-        self.conv_out = _conv(spatial_dims, ch, in_channels, 3, zero=True)
+        self.conv_out = same_conv(spatial_dims, ch, in_channels, 3, zero=True)
 
     def backbone(self, x: Tensor, c_noise: Tensor) -> Tensor:
         """The raw network ``F(x_in, c_noise)``: (B, C, *spatial) and (B,) -> (B, C, *spatial)."""

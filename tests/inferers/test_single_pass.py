@@ -54,4 +54,5 @@ def test_slice_position_and_context_transform():
     assert slice_position(0, 1) == 0.0
     d = CovariateContextd()({"image": 1, "age": 20, "sex": "M", "slice_position": 0.25})
     assert set(d) == {"image", "context"}  # raw covariates removed: items stating different ones still collate
-    assert d["context"][:2].tolist() == pytest.approx([0.2, 1.0]) and math.isnan(d["context"][2]) and d["context"][3] == 0.25
+    assert d["context"][:2].tolist() == pytest.approx([0.2, 1.0]) and math.isnan(d["context"][2])
+    assert d["context"][3] == 0.25
