@@ -10,6 +10,7 @@ people of a manifest (unknown wherever the manifest does not say).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import re
@@ -55,18 +56,23 @@ def encode_covariates(item: Mapping[str, Any]) -> list[float]:
 
 
 def read_covariates(path: str | Path) -> dict[str, dict]:
-    """Covariates by subject from a JSON list (or ``{"covariates": [...]}``) of ``{"subject": stem, ...}``."""
+    """Rows of a covariates file by subject: a CSV with a ``subject`` column, or a JSON list (or
+    ``{"covariates": [...]}``) of ``{"subject": stem, ...}``; ``subject`` matches the NIfTI file stems."""
     path = Path(path)
     if not path.is_file():
         raise VolumeError(path, "covariates file not found")
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise VolumeError(path, f"not valid JSON ({err})") from err
-    rows = rows.get("covariates", []) if isinstance(rows, dict) else rows
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise VolumeError(path, f"not valid JSON ({err})") from err
+        rows = rows.get("covariates", []) if isinstance(rows, dict) else rows
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
     if not isinstance(rows, list) or any(not isinstance(r, dict) or "subject" not in r for r in rows):
-        raise VolumeError(path, "covariates must be a list of objects with a 'subject' (the NIfTI file stem)")
-    return {str(r["subject"]): {k: v for k, v in r.items() if k in COVARIATE_NAMES} for r in rows}
+        raise VolumeError(path, "covariates need a 'subject' (the NIfTI file stem) in every row")
+    return {str(r["subject"]): {k: v for k, v in r.items() if k != "subject"} for r in rows}
 
 
 def with_covariates(split: dict[str, list[dict]], path: str | Path | None) -> dict[str, list[dict]]:
@@ -74,7 +80,8 @@ def with_covariates(split: dict[str, list[dict]], path: str | Path | None) -> di
     values where they give them). None returns ``split`` unchanged: every covariate unknown."""
     if path is None:
         return split
-    table = read_covariates(path)
+    table = {subject: {k: v for k, v in row.items() if k in COVARIATE_NAMES}
+             for subject, row in read_covariates(path).items()}
     return {name: [{**table.get(str(it.get("subject")), {}), **it} for it in items] for name, items in split.items()}
 
 

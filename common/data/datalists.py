@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
@@ -13,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from common.data.covariates import read_covariates
 from common.data.io import VolumeError, check_nifti_header, list_nifti, nifti_stem
 from common.utils import is_unset
 
@@ -110,21 +110,6 @@ def evaluation_datalist(dataset_dir: str | None) -> list[dict]:
     return [{"label": str(path)} for path in files]
 
 
-def _read_covariates(path: str | Path) -> dict[str, dict]:
-    """CSV (or JSON list) of covariates keyed by a ``subject`` column matching the file stems."""
-    path = Path(path)
-    if not path.is_file():
-        raise VolumeError(path, "covariates file not found")
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text())
-    else:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    if not rows or "subject" not in rows[0]:
-        raise VolumeError(path, "covariates need a 'subject' column matching the NIfTI file stems")
-    return {str(r["subject"]): {k: v for k, v in r.items() if k != "subject"} for r in rows}
-
-
 def build_datalist(
     folder: str | Path,
     key: str = "label",
@@ -144,7 +129,7 @@ def build_datalist(
         seed: seed for the validation draw.
     """
     files = list_nifti(folder)
-    covars = _read_covariates(covariates) if covariates else {}
+    covars = read_covariates(covariates) if covariates else {}
     items = [{key: str(p), "subject": nifti_stem(p), **covars.get(nifti_stem(p), {})} for p in files]
     stems = [it["subject"] for it in items]
     if val_subjects is None:
