@@ -16,10 +16,10 @@ from monai.inferers import Inferer
 from torch import Tensor
 
 from common.data.covariates import encode_covariates
+from common.inferers.edm_slice import EDMSliceInferer
 from common.inferers.utils import SliceProgress, autocast_context, channels_last_weights
-from common.transforms.intensity import to_signed, to_unit
+from common.transforms.intensity import to_unit
 from common.transforms.slice_augment import slice_position
-from common.transforms.slices import slice_stack
 from common.transforms.upsample import GridUpsample
 
 __all__ = ["SliceContextInferer"]
@@ -67,10 +67,8 @@ class SliceContextInferer(Inferer):
         self.amp, self.channels_last, self.progress = bool(amp), bool(channels_last), bool(progress)
         self.upsample = GridUpsample((1,) + self.scale_factor[1:], upsample_mode)
 
-    def condition(self, lr: Tensor) -> Tensor:
-        """Per-slice input of one LR volume (X, y, z) in [0, 1]: (X, len(offsets), Y, Z) in [-1, 1]."""
-        up = self.upsample(lr[None, None].float())[0, 0]
-        return to_signed(slice_stack(up, self.offsets, axis=0))
+    # the 2.5D EDM's per-slice conditioning (upsampled neighbour stack in [-1, 1]) is this network's input
+    condition = EDMSliceInferer.condition
 
     def context(self, num_slices: int, device: torch.device | str = "cpu") -> Tensor:
         """The (num_slices, 4) context vectors of a volume's slices."""

@@ -7,15 +7,7 @@ import pytest
 import torch
 
 from common.networks.adadm import AdaDM, AdaDMResBlock
-
-
-def randomize(m: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Replace every parameter with N(0, std²) noise (the zero-initialised conv would hide the branch)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return m
+from network_helpers import randomize
 
 
 def with_std(shape, stds, seed=0) -> torch.Tensor:

@@ -16,22 +16,10 @@ from common.networks.adagn_unet import (
     adagn_unet_paper_3d,
     num_groups,
 )
+from network_helpers import n_params, randomize
 
 TINY_2D = dict(spatial_dims=2, in_channels=3, out_channels=1, channels=(8, 16, 16), cond_channels=32)
 TINY_3D = dict(spatial_dims=3, in_channels=2, out_channels=1, channels=(8, 16), cond_channels=16)
-
-
-def n_params(m: torch.nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def randomize(m: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Replace every parameter with N(0, std²) noise: zero-initialised layers would hide most of the network."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return m
 
 
 @pytest.mark.parametrize(

@@ -9,25 +9,13 @@ import torch
 
 from common.networks.adadm import AdaDM, AdaDMResBlock
 from common.networks.attention_unet import COVARIATES, AttentionResUNet, CovariateEncoder, SpatialAttention
+from network_helpers import n_params, randomize
 
 NAN = math.nan
 TINY = dict(channels=(8, 16, 16), num_res_blocks=1, norm_num_groups=4, num_head_channels=8, context_dim=8,
             cross_attention_levels=(False, True, True))
 TINY_3D = {**TINY, "spatial_dims": 3, "in_channels": 5}
 CONTEXT = torch.tensor([[0.4, 1.0, 0.0, -0.2], [NAN, 0.0, NAN, 0.3]])
-
-
-def n_params(m: torch.nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def randomize(m: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Replace every parameter with N(0, std²) noise: the zero-initialised head and projections hide the rest."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return m
 
 
 def cross_attentions(net) -> list:

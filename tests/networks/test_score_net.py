@@ -5,22 +5,14 @@ import torch
 
 from common.diffusion.vesde import dsm_loss
 from common.networks.score_net import CPU_CONFIG, PAPER_CONFIG, ScoreNet, gn_groups, score_net_paper
+from network_helpers import randomize
 
 TINY = dict(nf=8, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attention=True)
 
 
-def _randomise(net: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Replace the zero initialisations so that outputs depend on the input."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return net
-
-
 def _net(**kw) -> ScoreNet:
     torch.manual_seed(0)
-    return _randomise(ScoreNet(**{**TINY, **kw})).eval()
+    return randomize(ScoreNet(**{**TINY, **kw}), std=0.05).eval()
 
 
 def test_paper_configuration_size():
