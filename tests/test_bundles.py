@@ -187,3 +187,32 @@ def test_attention_unet_gan_trains_and_checkpoints_both_networks(small_training_
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert {"network", "optimizer", "critic", "critic_optimizer"} <= set(state)
     assert (ckpt / "model.pt").stat().st_size > 0
+
+
+def test_attention_unet_gmm_option_wiring(small_training_set, tmp_path):
+    """train.json's ``gmm_prob``: the cached preprocessing fits each volume's tissue mixture in the datalist's
+    ``brain_mask`` and a batch comes out of the training loader."""
+    import nibabel as nib
+    import numpy as np
+    from monai.bundle import ConfigParser
+
+    items = []
+    for path in sorted(small_training_set.glob("*.nii.gz")):
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        mask = tmp_path / path.name.replace(".nii.gz", "_brain.nii.gz")
+        nib.save(nib.Nifti1Image((data > np.percentile(data, 60)).astype(np.float32), img.affine), str(mask))
+        items.append({"label": str(path), "brain_mask": str(mask)})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items[:2], "validation": items[2:]}))
+    parser = ConfigParser()
+    parser.read_config(str(ATTENTION_UNET / "configs" / "train.json"))
+    settings = json.loads((ATTENTION_UNET / "configs" / "test_overrides.json").read_text())["train"]
+    settings.update(bundle_root=str(ATTENTION_UNET), dataset_dir=str(small_training_set), datalist=str(datalist),
+                    gmm_prob=1.0)
+    for key, value in settings.items():
+        parser[key] = value
+    cache = parser.get_parsed_content("train#cache")
+    assert all({"tissue", "tissue_stats"} <= set(cache._cache[i]) for i in range(len(cache._cache)))
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert batch["label"].shape == (2, 1, 16, 16) and batch["image"].shape == (2, 3, 16, 16)

@@ -26,6 +26,7 @@ __all__ = [
     "nilearn_file",
     "with_downscaled_copies",
     "refuse_real_pairs",
+    "real_pair_split",
 ]
 
 
@@ -149,7 +150,7 @@ def training_datalist(
     """The training/validation split of the training command.
 
     With a ``datalist`` JSON (MONAI style: ``{"training": [...], "validation": [...]}``), its relative paths are
-    taken from ``dataset_dir``; items may give real LR/HR pairs (``image`` = LR, ``label`` = HR) and covariates.
+    taken from ``dataset_dir`` (from the working folder when it is unset, as the preparation chain writes them); items may give real LR/HR pairs (``image`` = LR, ``label`` = HR) and covariates.
     Without one, every NIfTI in ``dataset_dir`` is an HR ``label`` and ``num_val`` of them are held out.
     """
     if is_unset(datalist):
@@ -166,8 +167,8 @@ def training_datalist(
         items = []
         for item in content.get(split, []):
             item = dict(item)
-            for k in ("image", "label"):
-                if k in item and not Path(item[k]).is_absolute():
+            for k in ("image", "label", "brain_mask"):
+                if k in item and not Path(item[k]).is_absolute() and not is_unset(dataset_dir):
                     item[k] = str(Path(dataset_dir) / item[k])
                 if k in item:
                     check_nifti_header(item[k])
@@ -212,3 +213,38 @@ def refuse_real_pairs(split: dict[str, list[dict]], datalist: str | None = None)
                           "training config does not train on yet: it simulates LR from each 'label'; give HR "
                           "volumes alone ('label')")
     return split
+
+
+def real_pair_split(
+    split: dict[str, list[dict]], datalist: str | None = None, num_val: int = 1, seed: int = 0
+) -> dict[str, list[dict]]:
+    """``split`` of real LR/HR pairs (``image`` = the LR scan registered onto the HR grid, ``label`` = the HR scan,
+    e.g. :func:`common.transforms.prepare_pairs`' datalist) for a training config that learns from them.
+
+    Every item must give both scans (an error names the first that does not). A datalist without a validation
+    list (the preparation chain writes ``training`` alone) gets ``num_val`` of its pairs held out, drawn with
+    ``seed``; hold out whole people, not scans, when a person has several pairs (give ``validation`` yourself).
+
+    Args:
+        split: ``{"training": [...], "validation": [...]}``.
+        datalist: the datalist file, named in errors.
+        num_val: pairs held out when ``split`` has no validation items.
+        seed: seed of that draw.
+    """
+    name = datalist or "datalist"
+    for part in ("training", "validation"):
+        for item in split.get(part, []):
+            if "image" not in item or "label" not in item:
+                raise VolumeError(name, f"a {part} item is not a real pair ('image' = LR scan on the HR grid and "
+                                  f"'label' = HR scan): {item}")
+    if split.get("validation"):
+        return split
+    training = list(split["training"])
+    if len(training) <= num_val:
+        raise VolumeError(name, f"{len(training)} pair(s) and no 'validation' list: give a 'validation' list or "
+                          f"more than {num_val} pairs to hold {num_val} out")
+    held = set(random.Random(seed).sample(range(len(training)), num_val))
+    return {
+        "training": [it for i, it in enumerate(training) if i not in held],
+        "validation": [it for i, it in enumerate(training) if i in held],
+    }

@@ -8,13 +8,17 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from monai.transforms import CenterSpatialCropd, Compose, MapTransform, Transform
+import numpy as np
+from monai.transforms import CenterSpatialCropd, Compose, MapTransform, Spacingd, Transform
+
+from common.data import VolumeError
 
 from common.transforms.degrade import BlockAverage, BlockDownscaled, Degraded
 from common.transforms.intensity import PercentileNormalized
 from common.transforms.io import LoadVolumed, SaveSRd
 from common.transforms.mask import HeadDepthd
 from common.transforms.slices import ForegroundSlicesd, SliceForegroundd
+from common.transforms.tissue import TissueModeld
 from common.transforms.upsample import UpsampleLRd
 
 __all__ = [
@@ -27,6 +31,9 @@ __all__ = [
     "validation_preprocessing",
     "hr_preprocessing",
     "slab_preprocessing",
+    "SameGridd",
+    "pair_training_preprocessing",
+    "pair_validation_preprocessing",
 ]
 
 
@@ -70,6 +77,7 @@ def inference_preprocessing(
     num_slices: int | None = None,
     clip: bool = True,
     label_roi_size: Sequence[int] | None = None,
+    output_spacing: Sequence[float] | None = None,
 ) -> Compose:
     """Load (RAS, checked), simulate the LR input from an HR label where no LR is given, scale LR to [0, 1].
 
@@ -84,6 +92,9 @@ def inference_preprocessing(
         clip: clip the scaled LR to [0, 1] (learned models are trained on clipped inputs; interpolation needs
             no clipping and keeps intensities above the 99th percentile, e.g. contrast enhancement).
         label_roi_size: centre-crop HR labels to this RAS size instead (-1 keeps an axis; overrides num_slices).
+        output_spacing: resample a given LR image onto a grid of this spacing (mm, RAS) first, with a cubic
+            B-spline: the input of a model trained on real pairs, which maps the HR grid to itself (scale 1);
+            real factors need not be integers (e.g. 1 mm -> 0.65 mm). None: the image's own grid.
     """
     label_crop = central_slices(num_slices) if label_roi_size is None else CenterSpatialCropd(
         keys="label", roi_size=[int(r) for r in label_roi_size], allow_missing_keys=True
@@ -91,6 +102,9 @@ def inference_preprocessing(
     return Compose(
         [
             LoadVolumed(keys="image", min_shape=min_shape, allow_missing_keys=True, scale_factor=scale_factor),
+            *([] if output_spacing is None else [
+                Spacingd(keys="image", pixdim=[float(s) for s in output_spacing], mode=3, padding_mode="nearest",
+                         allow_missing_keys=True)]),
             LoadVolumed(keys="label", min_shape=min_shape, allow_missing_keys=True),
             label_crop,
             SimulateLRd(scale_factor, degradation, units_key="image_units" if clip else None),
@@ -134,6 +148,7 @@ def training_preprocessing(
     upsample_mode: str = "cubic",
     slice_axes: Sequence[int] = (0,),
     head_depth: bool = False,
+    tissue_model: bool = False,
 ) -> Compose:
     """The cached part of the training data path: load the HR ``label`` (RAS), simulate the LR ``image``, scale
     both with the LR's 1st/99th percentiles (as inference does, where only LR exists), upsample LR to ``image_up``,
@@ -147,6 +162,8 @@ def training_preprocessing(
         slice_axes: axes training slices are drawn along (foreground fractions are noted for each).
         head_depth: also store the HR's depth inside the head (``head_depth``, :class:`common.transforms.HeadDepthd`)
             for the skull-strip augmentation.
+        tissue_model: also fit the HR's tissue mixture (:class:`common.transforms.TissueModeld`, in the item's
+            ``brain_mask`` or an atlas brain mask) for the GMM intensity augmentation.
     """
     transforms = [
         LoadVolumed(keys="label"),
@@ -156,7 +173,8 @@ def training_preprocessing(
         UpsampleLRd(scale_factor, upsample_mode),
         SliceForegroundd("label", axes=slice_axes),
     ]
-    return Compose(transforms + ([HeadDepthd("label")] if head_depth else []))
+    transforms += [HeadDepthd("label")] if head_depth else []
+    return Compose(transforms + ([TissueModeld("label")] if tissue_model else []))
 
 
 def validation_preprocessing(
@@ -215,3 +233,65 @@ def slab_preprocessing(
     """
 
     return inference_preprocessing(scale_factor, degradation=degradation, label_roi_size=roi_size)
+
+
+class SameGridd(MapTransform):
+    """Check that the volumes of ``keys`` lie on one voxel grid (shape and affine), as the registered pairs of the
+    preparation chain (:func:`common.transforms.prepare_pairs`) do; an error naming both files otherwise.
+
+    Args:
+        keys: the volumes (the first is the reference).
+        atol: tolerance on the affines (mm).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label"), atol: float = 1e-3) -> None:
+        super().__init__(keys)
+        self.atol = float(atol)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        ref, *others = (data[k] for k in self.keys)
+        for other in others:
+            if tuple(ref.shape[1:]) != tuple(other.shape[1:]) or not np.allclose(
+                np.asarray(ref.affine), np.asarray(other.affine), atol=self.atol
+            ):
+                raise VolumeError(
+                    ref.meta.get("filename_or_obj", self.keys[0]),
+                    f"is not on the voxel grid of {other.meta.get('filename_or_obj', '?')} (shapes "
+                    f"{tuple(ref.shape[1:])} and {tuple(other.shape[1:])}): a real pair must be registered and "
+                    "resampled onto the HR grid first (the bundle's configs/prepare.json)",
+                )
+        return dict(data)
+
+
+def pair_training_preprocessing(slice_axes: Sequence[int] = (0,), head_depth: bool = False) -> Compose:
+    """The cached part of training on real pairs: load the LR ``image`` (registered onto the HR grid) and the HR
+    ``label``, check they share the grid, scale both with the LR's 1st/99th percentiles (as inference, where only
+    LR exists), and note each slice's foreground fraction. No LR is simulated: the pair is the data.
+
+    Args:
+        slice_axes: axes training slices are drawn along.
+        head_depth: also store the HR's depth inside the head (``head_depth``) for the skull-strip augmentation.
+    """
+    transforms = [
+        LoadVolumed(keys=["image", "label"]),
+        SameGridd(("image", "label")),
+        PercentileNormalized(keys=["image", "label"], ref_key="image"),
+        SliceForegroundd("label", axes=slice_axes),
+    ]
+    return Compose(transforms + ([HeadDepthd("label")] if head_depth else []))
+
+
+def pair_validation_preprocessing(num_slices: int | None = None) -> Compose:
+    """Validation on real pairs: both scans loaded, checked to share the grid, cropped to their central
+    ``num_slices`` sagittal slices (all when None) and scaled with the LR's percentiles.
+
+    Args:
+        num_slices: central sagittal slices to keep.
+    """
+    size = [int(num_slices) if num_slices else -1, -1, -1]
+    return Compose([
+        LoadVolumed(keys=["image", "label"]),
+        SameGridd(("image", "label")),
+        CenterSpatialCropd(keys=["image", "label"], roi_size=size),
+        PercentileNormalized(keys=["image", "label"], ref_key="image"),
+    ])

@@ -16,6 +16,7 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import Transform
 from torch import Tensor
@@ -23,6 +24,7 @@ from torch import Tensor
 from common.data.covariates import COVARIATE_NAMES, encode_covariates
 from common.transforms.degrade import BlockAverage
 from common.transforms.slices import RandSlicePatchd
+from common.transforms.tissue import TissueModel, draw_tissue_remap, remap_tissue_intensities
 from common.transforms.upsample import GridUpsample
 from common.utils import plain_tensor
 
@@ -95,6 +97,19 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
             [-1, 1] along the drawn slice axis (the attention U-Net's context); None: not output.
         keep_keys: keys of the input item copied into every patch (e.g. the covariates ``age``, ``sex``,
             ``group``); missing ones are left out.
+        paired_key: a real LR scan on the HR grid (a registered pair, :func:`common.transforms.
+            pair_training_preprocessing`): the conditioning slices are cut from it at the same place instead of
+            simulated, and take the same flips, intensity map, background and strip as the HR slice. Needs
+            in-plane factors of 1 (the network maps the HR grid to itself). None: LR simulated from ``label``.
+        gmm_prob: probability of the thesis's GMM intensity augmentation (methods.md §4), applied to the HR
+            stack before the LR is simulated: each tissue class's mean shifted by a draw from ``gmm_mean_shift``
+            (a fraction of the brain's intensity range) and its std scaled by a draw from ``gmm_std_scale``, every
+            brain voxel keeping its z-score in its class. Needs the cached tissue labels and statistics
+            (:class:`common.transforms.TissueModeld`: ``tissue_key``, ``tissue_stats_key``).
+        gmm_mean_shift: range of the class means' shifts.
+        gmm_std_scale: range of the class stds' factors.
+        tissue_key: key of the tissue labels (1 CSF, 2 GM, 3 WM, 0 outside the brain).
+        tissue_stats_key: key of ``[means, stds, span]`` of the fitted mixture.
         kwargs: the other :class:`common.transforms.RandSlicePatchd` arguments.
     """
 
@@ -117,11 +132,24 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         margin: int = 4,
         position_key: str | None = None,
         keep_keys: Sequence[str] = (),
+        paired_key: str | None = None,
+        gmm_prob: float = 0.0,
+        gmm_mean_shift: Sequence[float] = (-0.05, 0.05),
+        gmm_std_scale: Sequence[float] = (0.9, 1.1),
+        tissue_key: str = "tissue",
+        tissue_stats_key: str = "tissue_stats",
         **kwargs: Any,
     ) -> None:
         super().__init__(patch_size, offsets, scale_factor, **kwargs)
-        self.position_key, self.keep_keys = position_key, tuple(keep_keys)
+        self.position_key, self.keep_keys, self.paired_key = position_key, tuple(keep_keys), paired_key
         fy, fz = self.scale_factor
+        if paired_key is not None and (fy, fz) != (1, 1):
+            raise ValueError(f"real pairs ('{paired_key}' on the HR grid) need in-plane factors (1, 1), got {(fy, fz)}")
+        self.gmm_prob, self.gmm_mean_shift, self.gmm_std_scale = float(gmm_prob), gmm_mean_shift, gmm_std_scale
+        self.tissue_key, self.tissue_stats_key = tissue_key, tissue_stats_key
+        if self.gmm_prob > 0 and paired_key is not None:
+            raise ValueError("the GMM augmentation remaps the HR scan's tissue classes; with real pairs the LR scan "
+                             "would need its own fit (not supported): set gmm_prob 0")
         self.degradation = degradation if degradation is not None else BlockAverage((1, fy, fz))
         self.upsample = GridUpsample((fy, fz), upsample_mode)
         self.slice_axes = tuple(int(a) for a in slice_axes)
@@ -161,8 +189,16 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         hi = min(start + patch + self.margin * f, size - size % f)
         return lo, hi
 
+    def _remap_tissues(self, stack: Tensor, labels: Tensor, stats: Tensor) -> Tensor:
+        """The GMM augmentation of an HR stack (C, h, w) with its tissue labels (C, h, w)."""
+        means, stds, span = stats[:3].double().numpy(), stats[3:6].double().numpy(), float(stats[6])
+        new_means, new_stds = draw_tissue_remap(self.R, means, stds, span, self.gmm_mean_shift, self.gmm_std_scale)
+        model = TissueModel(means, stds, np.zeros(3), labels.numpy())
+        return torch.from_numpy(remap_tissue_intensities(stack, model, new_means, new_stds)).clamp(0, 1)
+
     def _one_resimulated(
-        self, hr: Tensor, fg_slices: Tensor, depth: Tensor | None = None
+        self, hr: Tensor, fg_slices: Tensor, depth: Tensor | None = None, lr: Tensor | None = None,
+        tissue: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, int]:
         # the usable in-plane extent: whole LR voxels only, as the degradation crops
         usable = [hr.shape[1 + a] - hr.shape[1 + a] % self.scale_factor[a] for a in range(2)]
@@ -171,16 +207,23 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         # the conditioning slices, then the target slice last
         crop = (idx + [i], slice(*regions[0]), slice(*regions[1]))
         stack = hr[crop].float()
+        if lr is not None:  # a real pair: its LR slices replace the HR ones the conditioning is simulated from
+            stack = torch.cat([lr[crop][:-1].float(), stack[-1:]])
         if self.strip_prob > 0 and self.R.rand() < self.strip_prob:
             stack = stack * (depth[crop].float() >= self.R.uniform(*self.strip_depth_range))
+        if tissue is not None and self.R.rand() < self.gmm_prob:
+            stack = self._remap_tissues(stack, tissue[0][crop], tissue[1])
         inner = [starts[a] - regions[a][0] for a in range(2)]
         extent = [min(self.patch_size[a], stack.shape[1 + a] - inner[a]) for a in range(2)]
         if self.prob > 0 and self.R.rand() < self.prob:
             stack, flips = self._augment(stack)
             # a flip mirrors the crop inside its region (region and crop lengths are whole LR voxels)
             inner = [stack.shape[1 + a] - inner[a] - extent[a] if flips[a] else inner[a] for a in range(2)]
-        with torch.no_grad():
-            cond = self.upsample(self.degradation(stack[:-1][None]))[0]
+        if lr is not None:
+            cond = stack[:-1]
+        else:
+            with torch.no_grad():
+                cond = self.upsample(self.degradation(stack[:-1][None]))[0]
         sl = tuple(slice(s, s + e) for s, e in zip(inner, extent))
         label, cond = stack[-1][sl][None], cond[(slice(None),) + sl]
         return (*self._pad(cond, label), i)
@@ -192,13 +235,27 @@ class RandResimulatedSlicePatchd(RandSlicePatchd):
         if self.strip_prob > 0 and self.depth_key not in d:
             raise KeyError(f"strip_prob > 0 needs the head depth map '{self.depth_key}' (HeadDepthd)")
         depth = plain_tensor(d[self.depth_key])[0] if self.strip_prob > 0 else None
+        paired = plain_tensor(d[self.paired_key])[0] if self.paired_key is not None else None
+        labels = None
+        if self.gmm_prob > 0:
+            if self.tissue_key not in d or self.tissue_stats_key not in d:
+                raise KeyError(f"gmm_prob > 0 needs the tissue model '{self.tissue_key}', '{self.tissue_stats_key}' "
+                               "(TissueModeld in the cached preprocessing)")
+            labels = plain_tensor(d[self.tissue_key])[0]
+        if paired is not None and paired.shape != volume.shape:
+            raise ValueError(f"'{self.paired_key}' {tuple(paired.shape)} and '{self.label_key}' "
+                             f"{tuple(volume.shape)} are not on one grid")
         out = []
         for _ in range(self.num_samples):
             axes = self.slice_axes
             axis = axes[self.R.randint(len(axes))] if len(axes) > 1 else axes[0]
             hr = volume.movedim(axis, 0)
             depth_axis = depth.movedim(axis, 0) if depth is not None else None
-            cond, label, i = self._one_resimulated(hr, self._foreground_slices(hr, fractions, axis), depth_axis)
+            lr = paired.movedim(axis, 0) if paired is not None else None
+            tissue = (labels.movedim(axis, 0), d[self.tissue_stats_key]) if labels is not None else None
+            cond, label, i = self._one_resimulated(
+                hr, self._foreground_slices(hr, fractions, axis), depth_axis, lr, tissue
+            )
             patch = {self.output_cond_key: cond, self.label_key: label}
             patch.update({k: d[k] for k in self.keep_keys if k in d})
             if self.position_key is not None:

@@ -16,7 +16,9 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
+from .brain_extraction import AtlasBrainMaskd
 from .intensity import percentiles
+from .io import LoadVolumed
 
 __all__ = [
     "TissueModel",
@@ -24,7 +26,9 @@ __all__ = [
     "segment_tissues",
     "TissueSegmentd",
     "remap_tissue_intensities",
+    "draw_tissue_remap",
     "RandGMMIntensityd",
+    "TissueModeld",
 ]
 
 
@@ -142,6 +146,30 @@ def remap_tissue_intensities(volume, model: TissueModel, means: Sequence[float],
     return out
 
 
+def draw_tissue_remap(
+    rng: np.random.RandomState,
+    means: Sequence[float],
+    stds: Sequence[float],
+    span: float,
+    mean_shift: Sequence[float],
+    std_scale: Sequence[float],
+    shift: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """New class means and stds of the GMM augmentation (methods.md §4): each mean shifted by a draw from
+    ``mean_shift`` times ``span``, each std scaled by a draw from ``std_scale``; a shift that would reorder the
+    classes (GM brighter than WM) is drawn again, so a T1 stays a T1 (``shift``/``scale``: first draws given)."""
+    means, stds = np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
+    shift = rng.uniform(*mean_shift, size=3) if shift is None else shift
+    scale = rng.uniform(*std_scale, size=3) if scale is None else scale
+    for _ in range(100):  # bounded: shifts within range that keep the order always exist
+        new = means + shift * span
+        if np.all(np.diff(new) > 0):
+            return new, stds * scale
+        shift = rng.uniform(*mean_shift, size=3)
+    return means, stds * scale
+
+
 class RandGMMIntensityd(RandomizableTransform, MapTransform):
     """The thesis's GMM intensity augmentation (methods.md §4): fit the 3-class mixture inside ``mask_key``,
     shift each class's mean by a draw from ``mean_shift`` (in units of the image's brain intensity range) and
@@ -179,14 +207,48 @@ class RandGMMIntensityd(RandomizableTransform, MapTransform):
         for key in self.key_iterator(d):
             model = fit_tissue_model(d[key], d[self.mask_key])
             lo, hi = percentiles(_arr(d[key])[_arr(d[self.mask_key]) > 0])
-            span = hi - lo
-            for _ in range(100):  # a reordering draw is drawn again (bounded: shifts within range always exist)
-                means = model.means + self._shift * span
-                if np.all(np.diff(means) > 0):
-                    break
-                self._shift = self.R.uniform(*self.mean_shift, size=3)
-            else:
-                means = model.means
-            out = remap_tissue_intensities(d[key], model, means, model.stds * self._scale)
+            means, stds = draw_tissue_remap(self.R, model.means, model.stds, hi - lo, self.mean_shift,
+                                            self.std_scale, shift=self._shift, scale=self._scale)
+            out = remap_tissue_intensities(d[key], model, means, stds)
             d[key] = convert_to_dst_type(out.reshape(np.shape(d[key])), d[key])[0]  # keeps a MetaTensor's meta
+        return d
+
+
+class TissueModeld(MapTransform):
+    """The GMM augmentation's per-volume part, for the cached training preprocessing: fit the 3-class mixture of
+    ``key`` inside its brain mask once, and store the hard labels in ``labels_key`` (1, X, Y, Z) uint8 and
+    ``[means, stds, span]`` in ``stats_key`` (9,), so that each random patch is remapped cheaply
+    (:class:`common.transforms.RandResimulatedSlicePatchd` ``gmm_prob``).
+
+    The brain mask is ``mask_key`` when the item gives one (e.g. the preparation chain's ``brain_mask``: a path,
+    loaded on the same grid, or an array); otherwise it is computed by atlas brain extraction
+    (:class:`common.transforms.AtlasBrainMaskd`, about a minute per scan).
+
+    Args:
+        key: the HR volume in [0, 1].
+        mask_key: the brain mask.
+        labels_key: where the tissue labels go.
+        stats_key: where the class statistics go.
+        atlas_kwargs: :func:`common.transforms.atlas_tissue_priors` settings for scans without a mask.
+    """
+
+    def __init__(self, key: str = "label", mask_key: str = "brain_mask", labels_key: str = "tissue",
+                 stats_key: str = "tissue_stats", atlas_kwargs: dict | None = None) -> None:
+        super().__init__([key])
+        self.key, self.mask_key, self.labels_key, self.stats_key = key, mask_key, labels_key, stats_key
+        self.atlas_kwargs = dict(atlas_kwargs or {})
+
+    def __call__(self, data):
+        d = dict(data)
+        if self.mask_key not in d:
+            d = AtlasBrainMaskd(self.key, mask_key=self.mask_key, prior_key=None, **self.atlas_kwargs)(d)
+        elif isinstance(d[self.mask_key], str):
+            d = LoadVolumed(keys=self.mask_key)(d)
+        volume, mask = _arr(d[self.key]), _arr(d[self.mask_key]) > 0
+        if mask.shape != volume.shape:
+            raise ValueError(f"brain mask {mask.shape} and '{self.key}' {volume.shape} are not on one grid")
+        model = fit_tissue_model(volume, mask)
+        lo, hi = percentiles(volume[mask])
+        d[self.labels_key] = torch.from_numpy(model.labels)[None]
+        d[self.stats_key] = torch.tensor([*model.means, *model.stds, hi - lo], dtype=torch.float32)
         return d

@@ -47,3 +47,18 @@ def test_real_pairs_refused_by_simulating_configs():
     assert refuse_real_pairs(hr_only, "d.json") is hr_only
     with pytest.raises(VolumeError, match="d.json.*real LR/HR pairs"):
         refuse_real_pairs({"training": [{"image": "lr.nii.gz", "label": "a.nii.gz"}]}, "d.json")
+
+
+def test_real_pair_split_checks_pairs_and_holds_one_out():
+    from common.data import real_pair_split
+
+    pairs = [{"image": f"lr{i}.nii.gz", "label": f"hr{i}.nii.gz"} for i in range(4)]
+    split = real_pair_split({"training": pairs, "validation": []}, "d.json", num_val=1, seed=0)
+    assert len(split["training"]) == 3 and len(split["validation"]) == 1
+    assert sorted(map(str, split["training"] + split["validation"])) == sorted(map(str, pairs))
+    given = {"training": pairs[:3], "validation": pairs[3:]}
+    assert real_pair_split(given, "d.json") is given  # a validation list of the user's is kept as it is
+    with pytest.raises(VolumeError, match=r"d.json.*training item is not a real pair"):
+        real_pair_split({"training": [{"label": "hr.nii.gz"}], "validation": pairs[:1]}, "d.json")
+    with pytest.raises(VolumeError, match=r"d.json: 1 pair\(s\) and no 'validation' list"):
+        real_pair_split({"training": pairs[:1]}, "d.json")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from monai.transforms import Spacing
 
+from bundle_cli import bundle_cli, ok, overrides, train_args
 from conftest import REPO
 
 from common.transforms import LoadVolumed, RegistrationError, RicianNoise, ThickSlices, prepare_pairs
@@ -22,9 +23,13 @@ FAST = {
 }
 
 
+BUNDLE = REPO / "bundles" / "brain_mri_attention_unet_super_resolution"
+
+
 @pytest.fixture(scope="module")
 def raw_pair(tmp_path_factory, mri_dir):
-    """dev06 at 2.5 mm as the HR scan, and a shifted, thick-sliced, noisy copy of it as the other scan."""
+    """dev06 at 2.5 mm as the HR scan, and a separately acquired scan simulated from it: moved (a rigid shift of
+    two voxels), degraded with another kernel (thick slices) and Rician noise."""
     folder = tmp_path_factory.mktemp("raw_pair")
     scan = LoadVolumed(keys="image")({"image": str(mri_dir / "dev06_myconnectome_siemens_skyra_3T_mprage.nii.gz")})
     hr = Spacing(pixdim=(2.5, 2.5, 2.5), mode="bilinear")(scan["image"])
@@ -36,17 +41,21 @@ def raw_pair(tmp_path_factory, mri_dir):
     return folder
 
 
-def test_prepare_through_bundle_run_then_resume(raw_pair, tmp_path):
-    """The attention U-Net bundle's configs/prepare.json (the thesis chain's entry point), at small settings."""
-    bundle = REPO / "bundles" / "brain_mri_attention_unet_super_resolution"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "prepare.json"),
-               "--bundle_root", str(bundle), "--datalist", str(raw_pair / "raw.json"),
-               "--output_dir", str(tmp_path / "prepared")]
+@pytest.fixture(scope="module")
+def prepared(raw_pair, tmp_path_factory):
+    """The attention U-Net bundle's configs/prepare.json (the thesis chain's entry point) at small settings."""
+    out = tmp_path_factory.mktemp("prepared")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "prepare.json"),
+               "--bundle_root", str(BUNDLE), "--datalist", str(raw_pair / "raw.json"), "--output_dir", str(out)]
     for key, value in FAST.items():
         command += [f"--{key}", json.dumps(value)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    listing = json.loads((tmp_path / "prepared" / "datalist_prepared.json").read_text())
+    return out
+
+
+def test_prepare_through_bundle_run_then_resume(raw_pair, prepared):
+    listing = json.loads((prepared / "datalist_prepared.json").read_text())
     (entry,) = listing["training"]
     image, label, mask = (nib.load(entry[k]) for k in ("image", "label", "brain_mask"))
     assert image.shape == label.shape == mask.shape
@@ -61,10 +70,46 @@ def test_prepare_through_bundle_run_then_resume(raw_pair, tmp_path):
     steps = listing["seconds"][entry["label"]]
     assert {"n4", "brain_extraction", "n4_in_brain", "registration", "write"} <= set(steps)
     # resumed: the finished pair is skipped, its files untouched
-    before = {k: (tmp_path / "prepared" / f"hr_{k}.nii.gz").stat().st_mtime_ns for k in ("image", "label")}
-    again = prepare_pairs(raw_pair / "raw.json", tmp_path / "prepared", **FAST)
+    before = {k: (prepared / f"hr_{k}.nii.gz").stat().st_mtime_ns for k in ("image", "label")}
+    again = prepare_pairs(raw_pair / "raw.json", prepared, **FAST)
     assert again[0]["seconds"] == {}
-    assert before == {k: (tmp_path / "prepared" / f"hr_{k}.nii.gz").stat().st_mtime_ns for k in ("image", "label")}
+    assert before == {k: (prepared / f"hr_{k}.nii.gz").stat().st_mtime_ns for k in ("image", "label")}
+
+
+def test_prepared_pair_trains_and_the_model_infers_on_a_finer_grid(raw_pair, prepared, tmp_path):
+    """A few training steps on the prepared pair (no simulation: the LR scan is the conditioning), then inference
+    on the raw LR scan resampled to 2.0 mm (a non-integer factor 1.25 from 2.5 mm) with the trained weights."""
+    (pair,) = json.loads((prepared / "datalist_prepared.json").read_text())["training"]
+    datalist = tmp_path / "pairs.json"
+    datalist.write_text(json.dumps({"training": [pair], "validation": [pair]}))
+    ckpt = tmp_path / "ckpt"
+    configs = json.dumps([str(BUNDLE / "configs" / c) for c in ("train.json", "real_pairs.json")])
+    ok(bundle_cli("run", "--config_file", configs, *train_args(BUNDLE, prepared, ckpt), "--datalist", str(datalist),
+                  "--final_model_path", str(ckpt / "model_pairs.pt"), "--iterations", "3"))
+    assert (ckpt / "model_pairs.pt").stat().st_size > 0 and (ckpt / "best_model.pt").is_file()
+    # the simulated-pairs config refuses the same datalist instead of ignoring its LR scans
+    refused = bundle_cli("run", "--config_file", str(BUNDLE / "configs" / "train.json"),
+                         *train_args(BUNDLE, prepared, tmp_path / "refused"), "--datalist", str(datalist))
+    assert refused.returncode != 0 and "real LR/HR pairs" in refused.stderr
+
+    lr_only = tmp_path / "lr_input"
+    lr_only.mkdir()
+    (lr_only / "lr.nii.gz").write_bytes((raw_pair / "lr.nii.gz").read_bytes())
+    network = {k: v for k, v in json.loads((BUNDLE / "configs" / "test_overrides.json").read_text())["train"].items()
+               if k in json.loads((BUNDLE / "configs" / "inference.json").read_text())}
+    network_args = [a for k, v in network.items() for a in (f"--{k}", json.dumps(v))]
+    configs = json.dumps([str(BUNDLE / "configs" / c) for c in ("inference.json", "real_pairs_inference.json")])
+    ok(bundle_cli("run", "--config_file", configs, "--bundle_root", str(BUNDLE), "--dataset_dir", str(lr_only),
+                  "--output_dir", str(tmp_path / "out"), "--model_path", str(ckpt / "model_pairs.pt"),
+                  "--output_spacing", "[2.0, 2.0, 2.0]", *overrides(BUNDLE), *network_args))
+    lr, sr = nib.load(str(raw_pair / "lr.nii.gz")), nib.load(str(tmp_path / "out" / "lr_sr.nii.gz"))
+    np.testing.assert_allclose(sr.header.get_zooms()[:3], (2.0, 2.0, 2.0), atol=1e-4)
+    # the same field of view in 2.0 mm voxels (LR 2.5 x 2.5 x 5 mm): the first voxel centre kept, the last one
+    # reached to within a voxel
+    np.testing.assert_allclose(sr.affine[:3, 3], lr.affine[:3, 3], atol=1e-3)
+    extent = (np.array(lr.shape) - 1) * np.array(lr.header.get_zooms()[:3])
+    np.testing.assert_allclose((np.array(sr.shape) - 1) * 2.0, extent, atol=2.0)
+    assert np.isfinite(np.asarray(sr.dataobj)).all()
 
 
 def test_unregistrable_pair_names_both_files_and_writes_nothing(raw_pair, tmp_path):

@@ -42,3 +42,22 @@ def test_downscaled_copies(hr_file):
     full, half = (training_preprocessing((1, 2, 2))(it) for it in out["training"])
     assert half["label"].shape == (1, 3, 10, 8)  # (6, 21, 18) block-averaged by 2: (3, 10, 9), then the LR grid
     torch.testing.assert_close(half["label"].affine[:3, :3], 2 * full["label"].affine[:3, :3])
+
+
+def test_pairs_off_one_grid_are_refused_naming_both_files(tmp_path):
+    import re
+
+    from common.data import VolumeError
+    from common.transforms import pair_training_preprocessing
+
+    vol = np.random.default_rng(0).random((12, 14, 16)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "hr.nii.gz"))
+    nib.save(nib.Nifti1Image(vol[:, :, ::2], np.diag([1.0, 1.0, 2.0, 1.0])), str(tmp_path / "lr.nii.gz"))
+    nib.save(nib.Nifti1Image(vol * 2, np.eye(4)), str(tmp_path / "lr_registered.nii.gz"))
+    pipeline = pair_training_preprocessing()
+    with pytest.raises(RuntimeError) as err:  # MONAI's Compose wraps a transform's error, the cause kept
+        pipeline({"image": str(tmp_path / "lr.nii.gz"), "label": str(tmp_path / "hr.nii.gz")})
+    assert isinstance(err.value.__cause__, VolumeError)
+    assert re.search(r"lr.nii.gz: is not on the voxel grid of .*hr.nii.gz", str(err.value.__cause__))
+    out = pipeline({"image": str(tmp_path / "lr_registered.nii.gz"), "label": str(tmp_path / "hr.nii.gz")})
+    assert out["image"].shape == out["label"].shape == (1, 12, 14, 16) and "slice_foreground" in out

@@ -236,3 +236,67 @@ def test_strip_without_depth_map_is_an_error():
     t = RandResimulatedSlicePatchd((8, 8), strip_prob=1.0)
     with pytest.raises(KeyError, match="head_depth"):
         t(_cached((6, 16, 16)))
+
+
+def test_real_pair_conditioning_is_cut_from_the_lr_scan():
+    """``paired_key``: the conditioning slices are the LR scan's, at the label's place, under the same flips and
+    intensity map (gamma 2 squares both); in-plane factors other than 1 are refused."""
+    torch.manual_seed(0)
+    hr = torch.rand(1, 10, 12, 14) * 0.5 + 0.5
+    lr = torch.rand(1, 10, 12, 14) * 0.5 + 0.5
+    data = SliceForegroundd("label", axes=(0, 1, 2))({"label": hr, "image": lr})
+    patches = RandResimulatedSlicePatchd((8, 8), (-1, 0, 1), (1, 1, 1), slice_axes=(0, 1, 2), paired_key="image",
+                                         prob=1.0, gamma_range=(2.0, 2.0), num_samples=20)
+    patches.set_random_state(0)
+    for patch in patches(data):
+        found = None
+        for axis in range(3):
+            view_hr, view_lr = hr[0].movedim(axis, 0), lr[0].movedim(axis, 0)
+            for i in range(view_hr.shape[0]):
+                for flips in itertools.product((False, True), repeat=2):
+                    label, cond = patch["label"][0], patch["image"]
+                    for a, f in enumerate(flips):
+                        label, cond = (label.flip(a), cond.flip(1 + a)) if f else (label, cond)
+                    for y0, z0 in itertools.product(range(view_hr.shape[1] - 7), range(view_hr.shape[2] - 7)):
+                        sl = (slice(y0, y0 + 8), slice(z0, z0 + 8))
+                        if torch.allclose(view_hr[i][sl] ** 2, label):
+                            idx = [min(max(i + o, 0), view_hr.shape[0] - 1) for o in (-1, 0, 1)]
+                            found = torch.allclose(view_lr[idx][(slice(None),) + sl] ** 2, cond)
+        assert found, "conditioning is not the LR scan's slices at the label's place"
+    with pytest.raises(ValueError, match=r"in-plane factors \(1, 1\)"):
+        RandResimulatedSlicePatchd((8, 8), scale_factor=(1, 2, 2), paired_key="image")
+
+
+def test_gmm_option_remaps_each_tissue_class_of_the_hr_before_simulating():
+    """``gmm_prob`` 1 with fixed draws (means +0.1, stds x1): inside the brain the label is the HR plus 0.1,
+    outside unchanged, and the conditioning is simulated from that remapped HR (its block average)."""
+    from common.transforms import TissueModeld
+
+    torch.manual_seed(0)
+    hr = torch.rand(1, 8, 16, 16) * 0.3 + 0.3
+    mask = torch.zeros_like(hr)
+    mask[:, :, 4:12, 4:12] = 1
+    data = TissueModeld("label")({"label": hr, "brain_mask": mask})
+    assert data["tissue"].shape == hr.shape and set(data["tissue"].unique().tolist()) <= {0, 1, 2, 3}
+    assert data["tissue"][mask == 0].max() == 0 and data["tissue_stats"].shape == (7,)
+    data = SliceForegroundd("label")(data)
+    patches = RandResimulatedSlicePatchd((16, 16), (0,), (1, 2, 2), gmm_prob=1.0, gmm_mean_shift=(0.1 / 0.3, 0.1 / 0.3),
+                                         gmm_std_scale=(1.0, 1.0), pos_fraction=0.0)
+    patches.set_random_state(0)
+    span = float(data["tissue_stats"][6])
+    for _ in range(5):
+        patch = patches(data)
+        label = patch["label"][0]
+        i = next(i for i in range(8) if torch.allclose(hr[0, i][mask[0, i] == 0], label[mask[0, i] == 0]))
+        inside = mask[0, i] > 0
+        torch.testing.assert_close(label[inside], (hr[0, i][inside] + span * 0.1 / 0.3).clamp(0, 1))
+        torch.testing.assert_close(patch["image"][0], _simulated(label))
+    with pytest.raises(KeyError, match="TissueModeld"):
+        RandResimulatedSlicePatchd((16, 16), (0,), (1, 2, 2), gmm_prob=1.0)({"label": hr})
+
+
+def _simulated(label):
+    """The conditioning simulated from a whole (16, 16) HR slice: x2 block average, cubic upsampling."""
+    from common.transforms.upsample import GridUpsample
+
+    return GridUpsample((2, 2), "cubic")(BlockAverage((1, 2, 2))(label[None, None]))[0, 0]
