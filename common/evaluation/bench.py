@@ -28,15 +28,17 @@ from typing import Sequence
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.transforms import SpatialPad
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.data.io import list_nifti, load_volume, nifti_stem
-from common.evaluation import metrics
+from common.evaluation import figures, metrics
 from common.evaluation.scoring import BASELINES, REFERENCE, score_sr
 from common.transforms import degrade
 from common.transforms.intensity import PercentileNormalize, invert_normalization
-from common.transforms.mask import mask_depth
+from common.transforms.brain_extraction import atlas_tissue_priors, brain_mask_from_priors
+from common.transforms.mask import head_mask, mask_depth
 
 __all__ = [
     "DEGRADATIONS",
@@ -176,16 +178,29 @@ def run(
     edge_width: float | None = None,
     per_subject: bool = False,
     brain_mask: str | None = None,
+    figure: str | None = None,
+    figure_subject: str | None = None,
+    figure_box: Sequence[int] | None = None,
 ) -> list[dict]:
     """Benchmark rows: first the interpolation baselines of :data:`common.evaluation.BASELINES` (scored on the same
     LR inputs as the bundles, no timings), then one row per bundle (means over the volumes), each preceded by one
     row per volume when ``per_subject``. Gains are over the cubic B-spline. ``pad_to`` zero-pads each HR volume,
     centred, to at least that shape (e.g. 256³ for speed and memory at a fixed size); ``edge_width`` (voxels) adds
     the gains in the head mask's boundary band and interior (:func:`edge_gains`); ``brain_mask="nonzero"`` takes
-    each HR volume's non-zero voxels as its brain (skull-stripped references) and adds the tissue Dice columns."""
+    each HR volume's non-zero voxels as its brain (skull-stripped references), ``"atlas"`` the atlas brain mask of
+    the HR volume (:func:`common.transforms.atlas_tissue_priors`, about a minute each; whole, unpadded volumes), and
+    either adds the tissue Dice columns. ``figure`` writes :func:`common.evaluation.figures.zoomed_crops` of the
+    central sagittal slice of ``figure_subject`` (default: the first volume): HR, the cubic B-spline and each
+    bundle (a ``label=...`` override names a bundle's row and column)."""
+    if brain_mask == "atlas" and (slices or pad_to):
+        raise ValueError("brain_mask='atlas' registers the atlas onto whole volumes: drop slices and pad_to")
     rows, baseline_rows = [], {mode: [] for mode in BASELINES}
+    brains: dict[Path, np.ndarray] = {}  # one atlas registration per volume, shared by the bundles
+    figure_subject = figure_subject or (nifti_stem(files[0]) if files else None)
+    panels: dict[str, np.ndarray] = {}
     for b, spec in enumerate(bundles):
         name, overrides = parse_bundle_spec(spec)
+        label = str(overrides.pop("label", spec))
         overrides.setdefault("scale_factor", list(scale))
         parser = load_bundle(name, overrides)
         per_volume = []
@@ -207,24 +222,35 @@ def run(
             sr = invert_normalization(pred.numpy(), float(lo), float(hi))
             subject = nifti_stem(path)
             brain = hr[0].numpy() > 0 if brain_mask == "nonzero" else None
+            if brain_mask == "atlas":
+                if path not in brains:
+                    priors = atlas_tissue_priors(MetaTensor(hr.float(), affine=torch.as_tensor(vol.affine)))
+                    brains[path] = brain_mask_from_priors(priors, head=head_mask(hr[0].numpy()))[0].numpy() > 0
+                brain = brains[path]
             scored = score_sr(sr, hr, lr, scale, DEGRADATIONS[degradation](scale), subject=subject, brain_mask=brain)
             shape = "x".join(str(s) for s in sr.shape[-3:])
             per_volume.append(
                 {
-                    "bundle": spec, "subject": subject, "shape": shape, **_quality(scored.sr, scored.reference),
+                    "bundle": label, "subject": subject, "shape": shape, **_quality(scored.sr, scored.reference),
                     "s_per_volume": seconds, "s_per_slice": seconds / sr.shape[1 if sr.ndim == 4 else 0],
                     "peak_rss_mb": peak, "gflop_per_s": flops / seconds / 1e9,
                 }
             )
             if edge_width:
                 per_volume[-1].update(edge_gains(scored.volumes, scored.mask, edge_width))
+            if figure and subject == figure_subject:
+                if not panels:
+                    panels = {"HR": scored.volumes["HR"], BASELINES[REFERENCE]: scored.volumes[REFERENCE]}
+                panels[label] = scored.volumes["SR"]
             if b == 0:  # the baselines depend only on the LR input: score them once
                 for mode in BASELINES:
                     baseline_rows[mode].append(
                         {"bundle": f"interpolation: {BASELINES[mode]}", "subject": subject, "shape": shape,
                          **_quality(scored.baselines[mode], scored.reference)}
                     )
-        rows += _rows(spec, per_volume, per_subject)
+        rows += _rows(label, per_volume, per_subject)
+    if figure and panels:
+        figures.zoomed_crops(panels, figure, box=figure_box, title=f"{figure_subject}, central sagittal slice")
     head = [r for mode in BASELINES if baseline_rows[mode]
             for r in _rows(f"interpolation: {BASELINES[mode]}", baseline_rows[mode], per_subject)]
     return head + rows
@@ -285,9 +311,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--flops", action="store_true", help="count FLOPs (one extra pass) to report GFLOP/s")
     ap.add_argument("--edge", type=float, default=None, metavar="WIDTH",
                     help="also report the gain in the head mask's boundary band of this width (voxels) and inside it")
-    ap.add_argument("--brain_mask", choices=["nonzero"], default=None,
-                    help="nonzero: each HR volume's non-zero voxels are its brain (skull-stripped references); adds "
-                         "the tissue Dice (CSF, GM, WM) of SR and of each baseline against HR")
+    ap.add_argument("--brain_mask", choices=["nonzero", "atlas"], default=None,
+                    help="nonzero: each HR volume's non-zero voxels are its brain (skull-stripped references); atlas: "
+                         "the atlas brain mask of each HR volume (about a minute each); adds the tissue Dice (CSF, "
+                         "GM, WM) of SR and of each baseline against HR")
+    ap.add_argument("--figure", default=None, help="write a PNG of zoomed crops (HR, B-spline, each bundle)")
+    ap.add_argument("--figure_subject", default=None, help="the volume of --figure (default: the first)")
+    ap.add_argument("--figure_box", nargs=3, type=int, default=None, metavar=("ROW", "COL", "SIZE"),
+                    help="the crop in the sagittal plane's array (default: a centred square)")
     ap.add_argument("--per_subject", action="store_true", help="one row per volume above each bundle's mean row")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
@@ -300,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if missing:
             raise SystemExit(f"error: {args.data}: subjects not found: {sorted(missing)}")
     rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to, args.edge,
-               args.per_subject, args.brain_mask)
+               args.per_subject, args.brain_mask, args.figure, args.figure_subject, args.figure_box)
     print(f"degradation: {args.degradation} x{args.scale}; slices: {args.slices or 'all'}; "
           f"padded to: {args.pad_to or 'no'}; "
           f"volumes: {', '.join(nifti_stem(f) for f in files)}; torch threads: {torch.get_num_threads()}")

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 
 from common.data.io import atomic_path
 
-__all__ = ["METRIC_LABELS", "bar_chart", "three_view", "preview", "error_heatmap", "per_subject_psnr", "per_slice_psnr"]
+__all__ = ["METRIC_LABELS", "bar_chart", "three_view", "preview", "zoomed_crops", "error_heatmap", "per_subject_psnr",
+           "per_slice_psnr"]
 
 
 METRIC_LABELS = {
@@ -192,6 +193,64 @@ def preview(volumes: Mapping[str, Any], path: str | Path, window: tuple[float, f
         window: display range; None for a robust window over all volumes.
     """
     return _save(_three_view_figure(volumes, None, window, 1.4, None), path, dpi=80)
+
+
+def zoomed_crops(
+    volumes: Mapping[str, Any], path: str | Path, axis: int = 0, index: int | None = None,
+    box: Sequence[int] | None = None, window: tuple[float, float] | None = (0.0, 1.0), panel: float = 2.6,
+    title: str | None = None,
+) -> Path:
+    """One slice of each volume (columns), whole with the crop's frame (top row) and the crop enlarged (bottom
+    row): the place where sharpness differs between methods shows at a glance.
+
+    Args:
+        volumes: column label -> RAS volume (X, Y, Z) on one grid, e.g. {"HR": ..., "cubic B-spline": ...}.
+        path: output PNG.
+        axis: slicing axis (0 sagittal, 1 coronal, 2 axial).
+        index: slice number; None: the centre.
+        box: ``(row, column, size)`` of the square crop in the displayed plane's array (``vol`` slice, not
+            transposed: first index along the first remaining axis); None: a centred square of half the
+            smaller side.
+        window: display range (vmin, vmax); None: 0.5th-99.5th percentile over all volumes.
+        panel: inches per panel.
+        title: optional figure title.
+    """
+    if not volumes:
+        raise ValueError("zoomed_crops needs at least one volume")
+    vols = {name: _volume(v, name) for name, v in volumes.items()}
+    shapes = {v.shape for v in vols.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"zoomed_crops needs volumes on one grid, got shapes {sorted(shapes)}")
+    shape = next(iter(shapes))
+    index = shape[axis] // 2 if index is None else int(index)
+    plane_shape = [s for a, s in enumerate(shape) if a != axis]
+    if box is None:
+        size = min(plane_shape) // 2
+        box = ((plane_shape[0] - size) // 2, (plane_shape[1] - size) // 2, size)
+    r0, c0, size = (int(b) for b in box)
+    if size < 2 or r0 < 0 or c0 < 0 or r0 + size > plane_shape[0] or c0 + size > plane_shape[1]:
+        raise ValueError(f"crop box {tuple(box)} does not fit a {tuple(plane_shape)} plane")
+    if window is None:
+        window = (min(float(np.percentile(v, 0.5)) for v in vols.values()),
+                  max(float(np.percentile(v, 99.5)) for v in vols.values()))
+    from matplotlib.patches import Rectangle
+
+    fig = Figure(figsize=(len(vols) * panel, 2 * panel + (0.4 if title else 0.2)), layout="constrained")
+    axes = fig.subplots(2, len(vols), squeeze=False)
+    for c, (name, vol) in enumerate(vols.items()):
+        plane = _plane(vol, axis, index)  # transposed: rows are the second remaining axis
+        whole, crop = axes[0, c], axes[1, c]
+        whole.imshow(plane, cmap="gray", origin="lower", vmin=window[0], vmax=window[1], interpolation="nearest")
+        whole.add_patch(Rectangle((r0 - 0.5, c0 - 0.5), size, size, fill=False, edgecolor="yellow", linewidth=1))
+        crop.imshow(plane[c0 : c0 + size, r0 : r0 + size], cmap="gray", origin="lower", vmin=window[0],
+                    vmax=window[1], interpolation="nearest")
+        whole.set_title(name, fontsize=9)
+        for ax in (whole, crop):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
 
 
 def error_heatmap(

@@ -103,3 +103,19 @@ def test_tissue_dice_columns_with_a_brain(tmp_path, mri_dir):
     assert "Dice GM" in bench.format_table([ref, keys, linear])
     plain = bench.run(["brain_mri_interpolation_super_resolution:mode=linear"], [tmp_path / "brain.nii.gz"])
     assert "tissue_dice_gm" not in plain[-1] and "Dice GM" not in bench.format_table(plain)
+
+
+def test_atlas_brain_mask_needs_whole_volumes(tmp_path):
+    """``brain_mask="atlas"`` registers the atlas onto whole volumes: a slab or a padded volume is refused."""
+    with pytest.raises(ValueError, match="whole volumes"):
+        bench.run(["brain_mri_interpolation_super_resolution"], [tmp_path / "x.nii.gz"], slices=8,
+                  brain_mask="atlas")
+
+
+def test_labels_and_zoomed_crop_figure(hr_folder, tmp_path):
+    """A ``label=`` override names the bundle's row; ``figure`` draws HR, the B-spline and each bundle."""
+    rows = bench.run(["brain_mri_interpolation_super_resolution:mode=linear,label=linear",
+                      "brain_mri_interpolation_super_resolution:mode=nearest,label=nearest"],
+                     sorted(hr_folder.glob("*.nii.gz")), figure=str(tmp_path / "crops.png"))
+    assert [r["bundle"] for r in rows[-2:]] == ["linear", "nearest"]
+    assert (tmp_path / "crops.png").stat().st_size > 1000

@@ -152,3 +152,18 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, call):
     with pytest.raises(ValueError):
         call(tmp_path / "bad.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zoomed_crops_layout_and_checks(tmp_path):
+    """Two rows (whole slice with the frame, enlarged crop) and a column per volume; the crop is the box's pixels."""
+    hr = _phantom()
+    vols = {"HR": hr, "blurred": hr * 0.5, "SR": hr}
+    path = report.zoomed_crops(vols, tmp_path / "crops.png", axis=0, index=12, box=(4, 6, 12))
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(str(path))
+    assert image.shape[1] > image.shape[0]  # three columns, two rows
+    with pytest.raises(ValueError, match="does not fit"):
+        report.zoomed_crops(vols, tmp_path / "bad.png", box=(30, 0, 8))
+    with pytest.raises(ValueError, match="one grid"):
+        report.zoomed_crops({"HR": hr, "other": hr[:-1]}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
