@@ -28,7 +28,7 @@ from torch import Tensor
 
 from common.transforms.upsample import grid_upsample
 
-from .samplers import Callback, NoiseFn, _churn, make_noise
+from .samplers import Callback, NoiseFn, _churn, make_noise, takes_heun_correction
 from .vesde import ScoreFn, _sigma_batch, corrector_step, predictor_step, tweedie
 from .wavelets import wavelet_fusion
 
@@ -195,6 +195,7 @@ def sample_heun_dps(
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
+    max_correction_gain: float | None = None,
     noise: NoiseFn | None = None,
     callback: Callback | None = None,
     stats: dict | None = None,
@@ -222,6 +223,9 @@ def sample_heun_dps(
         s_tmin: churn only for ``σ_i >= s_tmin``.
         s_tmax: churn only for ``σ_i <= s_tmax``.
         s_noise: EDM ``S_noise``.
+        max_correction_gain: Heun corrects only the steps whose gain ``|Δσ|/(2σ_{i+1})`` on the denoiser's error is
+            at most this, an Euler step elsewhere (the rule of :func:`common.diffusion.samplers.sample_heun`, see
+            :func:`common.diffusion.samplers.takes_heun_correction`); None: every step but the last to σ = 0.
         noise: standard normal source for churn; None: global RNG.
         callback: ``callback(i, n, sigma, x, denoised)`` once per step.
         stats: a dict that receives ``"nfe"`` and ``"residuals"``.
@@ -244,7 +248,7 @@ def sample_heun_dps(
         d = (x - ev.denoised) / sigma_hat
         dt = sigma_next - sigma_hat
         x_next = x + d * dt
-        if order == 2 and sigma_next > 0:
+        if order == 2 and takes_heun_correction(sigma_hat, sigma_next, max_correction_gain):
             with torch.no_grad():
                 sig = _sigma_batch(sigma_next, x_next)
                 d_2 = (x_next - tweedie(x_next, score_fn(x_next, sig), sig)) / sigma_next

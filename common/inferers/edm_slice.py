@@ -21,6 +21,7 @@ from common.inferers.utils import SliceProgress, autocast_context, channels_last
 from common.transforms.intensity import to_signed, to_unit
 from common.transforms.slices import slice_stack
 from common.transforms.upsample import GridUpsample
+from common.utils import optional
 
 __all__ = ["SAMPLER_NAMES", "EDMSliceInferer"]
 
@@ -49,6 +50,10 @@ class EDMSliceInferer(Inferer):
         rho: Karras grid exponent.
         s_churn: EDM ``S_churn`` (10 for "paper"; 0, deterministic, is the usual for the others).
         s_noise: EDM ``S_noise``.
+        max_correction_gain: "heun" only: correct only the steps whose gain on the denoiser's error
+            ``|Δσ|/(2σ_{i+1})`` is at most this, Euler steps elsewhere (see
+            :func:`common.diffusion.samplers.takes_heun_correction`; 1 is the recommended value for few steps);
+            None: every step but the last (EDM Algorithm 2).
         init_sigma_scale: the initial state is ``z · init_sigma_scale`` for "euler"/"heun" (False/0: ``z``, the
             study's convention; True: ``σ_max · z``, EDM's).
         slice_batch: slices per network call.
@@ -71,6 +76,7 @@ class EDMSliceInferer(Inferer):
         rho: float = 7.0,
         s_churn: float | None = None,
         s_noise: float | None = None,
+        max_correction_gain: float | None = None,
         init_sigma_scale: bool = False,
         slice_batch: int = 8,
         num_samples: int = 1,
@@ -92,6 +98,7 @@ class EDMSliceInferer(Inferer):
         paper = sampler == "paper"
         self.s_churn = float((10.0 if paper else 0.0) if s_churn is None else s_churn)
         self.s_noise = float((0.9 if paper else 1.0) if s_noise is None else s_noise)
+        self.max_correction_gain = optional(max_correction_gain, float)
         self.init_sigma_scale = bool(init_sigma_scale)
         self.slice_batch, self.num_samples, self.seed = int(slice_batch), int(num_samples), int(seed)
         self.amp, self.channels_last, self.progress = bool(amp), bool(channels_last), bool(progress)
@@ -115,8 +122,10 @@ class EDMSliceInferer(Inferer):
             )
         sigmas = get_sigmas_karras(self.num_steps, self.sigma_min, self.sigma_max, self.rho, device=cond.device)
         x = noise(like) * (self.sigma_max if self.init_sigma_scale else 1.0)
+        heun = {"max_correction_gain": self.max_correction_gain} if self.sampler == "heun" else {}
         return SAMPLERS[self.sampler](
-            denoiser, x, sigmas, cond, noise=noise, callback=callback, s_churn=self.s_churn, s_noise=self.s_noise
+            denoiser, x, sigmas, cond, noise=noise, callback=callback, s_churn=self.s_churn, s_noise=self.s_noise,
+            **heun,
         )
 
     def _volume(self, lr: Tensor, network: Callable, generator: torch.Generator, k: int, label: str) -> Tensor:

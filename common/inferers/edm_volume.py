@@ -35,10 +35,12 @@ from monai.inferers import Inferer
 from torch import Tensor
 
 from common.diffusion.samplers import SAMPLERS, get_sigmas_karras, make_noise
+from common.diffusion.samplers import num_evaluations as count_evaluations
 from common.inferers.utils import sample_mean_std
 from common.inferers.windowed import WindowedDenoiser
 from common.transforms.intensity import to_signed, to_unit
 from common.transforms.upsample import GridUpsample
+from common.utils import optional
 
 __all__ = ["VOLUME_SAMPLERS", "hr_window", "EDMVolumeInferer"]
 
@@ -83,6 +85,10 @@ class EDMVolumeInferer(Inferer):
         rho: Karras grid exponent.
         s_churn: EDM ``S_churn`` (0: deterministic ODE sampling given the initial noise).
         s_noise: EDM ``S_noise``.
+        max_correction_gain: "heun" only: correct only the steps whose gain on the denoiser's error
+            ``|Δσ|/(2σ_{i+1})`` is at most this, Euler steps elsewhere (see
+            :func:`common.diffusion.samplers.takes_heun_correction`; 1 is the recommended value for few steps);
+            None: every step but the last (EDM Algorithm 2).
         init_sigma_scale: start from ``σ_max·z`` (EDM) instead of ``z`` (DIAMOND and the paper).
         num_samples: K; K > 1 returns the mean and the standard deviation of K samples as 2 channels.
         seed: seed of the per-volume generator.
@@ -107,6 +113,7 @@ class EDMVolumeInferer(Inferer):
         rho: float = 7.0,
         s_churn: float = 0.0,
         s_noise: float = 1.0,
+        max_correction_gain: float | None = None,
         init_sigma_scale: bool = False,
         num_samples: int = 1,
         seed: int = 0,
@@ -131,6 +138,7 @@ class EDMVolumeInferer(Inferer):
         self.sampler, self.num_steps = sampler, int(num_steps)
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.s_churn, self.s_noise = float(s_churn), float(s_noise)
+        self.max_correction_gain = optional(max_correction_gain, float)
         self.init_sigma_scale = bool(init_sigma_scale)
         self.num_samples, self.seed = int(num_samples), int(seed)
         self.amp, self.sw_device, self.progress = bool(amp), sw_device, bool(progress)
@@ -138,8 +146,10 @@ class EDMVolumeInferer(Inferer):
 
     @property
     def num_evaluations(self) -> int:
-        """Whole-volume denoiser evaluations per sample (NFE): N for Euler, 2N − 1 for Heun."""
-        return self.num_steps if self.sampler == "euler" else 2 * self.num_steps - 1
+        """Whole-volume denoiser evaluations per sample (NFE): N for Euler, 2N − 1 for Heun (fewer with
+        ``max_correction_gain``)."""
+        return count_evaluations(self.sigmas(), 1 if self.sampler == "euler" else 2, self.max_correction_gain,
+                                 self.s_churn)
 
     def condition(self, lr: Tensor) -> Tensor:
         """The conditioning of LR volumes (B, 1, x, y, z) in [0, 1]: upsampled onto the HR grid, in [-1, 1]."""
@@ -173,9 +183,10 @@ class EDMVolumeInferer(Inferer):
         x = noise(cond[:, :1])
         if self.init_sigma_scale:
             x = x * self.sigma_max
+        heun = {"max_correction_gain": self.max_correction_gain} if self.sampler == "heun" else {}
         return SAMPLERS[self.sampler](
             self.windowed(network), x, self.sigmas(cond.device), cond, noise=noise,
-            callback=_StepProgress(self.progress, label), s_churn=self.s_churn, s_noise=self.s_noise,
+            callback=_StepProgress(self.progress, label), s_churn=self.s_churn, s_noise=self.s_noise, **heun,
         )
 
     @torch.no_grad()

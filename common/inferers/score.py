@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from common.data.io import atomic_path
 from common.diffusion.guidance import sample_heun_dps, sample_srmri, upsample_measurement
 from common.diffusion.operators import DOWNSAMPLE_KERNELS, Downsample, LearnedOperator, fit_learned_operator
-from common.diffusion.samplers import get_sigmas_karras, make_noise
+from common.diffusion.samplers import get_sigmas_karras, make_noise, num_evaluations
 from common.diffusion.vesde import get_sigmas_vesde
 from common.inferers.utils import SliceProgress, autocast_context, sample_mean_std
 from common.transforms.pipelines import inference_preprocessing
@@ -181,6 +181,10 @@ class ScoreSRInferer(Inferer):
         wavelet: fusion wavelet ("bior4.4").
         order: 2 (Heun) or 1 (Euler) for "heun".
         s_churn: EDM ``S_churn`` for "heun" (0: deterministic given the start).
+        max_correction_gain: "heun" with ``order`` 2: correct only the steps whose gain on the denoiser's error
+            ``|Δσ|/(2σ_{i+1})`` is at most this, Euler steps elsewhere (see
+            :func:`common.diffusion.samplers.takes_heun_correction`; 1 is the recommended value for few steps);
+            None: every step but the last (EDM Algorithm 2).
         slice_batch: slices sampled together (2 is the fastest per slice on CPU: larger batches leave the caches).
         num_samples: K; K > 1 returns (mean, std) channels.
         seed: seed of the generator.
@@ -216,6 +220,7 @@ class ScoreSRInferer(Inferer):
         wavelet: str = "bior4.4",
         order: int = 2,
         s_churn: float = 0.0,
+        max_correction_gain: float | None = None,
         slice_batch: int = 2,
         num_samples: int = 1,
         seed: int = 0,
@@ -243,6 +248,7 @@ class ScoreSRInferer(Inferer):
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.sigma_start = optional(sigma_start, lambda s: min(float(s), self.sigma_max))
         self.skip, self.snr, self.order, self.s_churn = int(skip), float(snr), int(order), float(s_churn)
+        self.max_correction_gain = optional(max_correction_gain, float)
         self.fusion_levels, self.wavelet = int(fusion_levels), str(wavelet)
         self.slice_batch, self.num_samples, self.seed = int(slice_batch), int(num_samples), int(seed)
         self.amp, self.empty_threshold = bool(amp), float(empty_threshold)
@@ -269,6 +275,7 @@ class ScoreSRInferer(Inferer):
             "skip": self.skip if self.sampler == "pc" else None, "operator": self.operator_name,
             "scale_factor": list(self.scale_factor), "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
             "sigma_start": self.sigma_start,
+            "max_correction_gain": self.max_correction_gain if self.sampler == "heun" else None,
             "num_samples": self.num_samples, "seed": self.seed, "amp": self.amp,
         }
 
@@ -292,7 +299,8 @@ class ScoreSRInferer(Inferer):
         sigmas = self.sigmas(y.device)
         if self.sampler == "pc":
             return sample_srmri(score_fn, x, sigmas, y, self.operator, skip=self.skip, snr=self.snr, **common)
-        return sample_heun_dps(score_fn, x, sigmas, y, self.operator, order=self.order, s_churn=self.s_churn, **common)
+        return sample_heun_dps(score_fn, x, sigmas, y, self.operator, order=self.order, s_churn=self.s_churn,
+                               max_correction_gain=self.max_correction_gain, **common)
 
     def content_box(self, y: Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
         """In-plane LR bounding box ``((r0, r1), (c0, c1))`` of the voxels >= ``empty_threshold`` of a slice batch
@@ -382,7 +390,7 @@ class ScoreSRInferer(Inferer):
         """Network calls per sampled slice (a DPS evaluation counts once; its backward pass is extra work)."""
         if self.sampler == "pc":
             return 2 * len(range(0, self.num_steps, self.skip))
-        return self.num_steps * self.order - (1 if self.order == 2 else 0)
+        return num_evaluations(self.sigmas(), self.order, self.max_correction_gain, self.s_churn)
 
 
 class SamplerStatsHandler:

@@ -1,19 +1,25 @@
-"""Tests of common.diffusion.samplers against an analytic Gaussian denoiser, plus call counting and seeding."""
+"""Tests of common.diffusion.samplers against an analytic Gaussian denoiser, plus call counting and seeding, and of
+the Heun correction bound (``max_correction_gain``) shared with common.diffusion.guidance.sample_heun_dps."""
 
 import math
 
 import pytest
 import torch
 
+from common.diffusion.guidance import sample_heun_dps
 from common.diffusion.samplers import (
+    RECOMMENDED_MAX_CORRECTION_GAIN,
     SAMPLERS,
     get_sigmas_karras,
+    heun_correction_gain,
     make_noise,
+    num_evaluations,
     paper_2p5d_sigmas,
     sample_euler,
     sample_heun,
     sample_paper_2p5d,
     sample_paper_3d,
+    takes_heun_correction,
 )
 
 # data ~ N(MU, S²) independently per dimension: D(x; σ) = (S² x + σ² MU) / (S² + σ²) exactly
@@ -209,3 +215,161 @@ def test_works_with_edm_denoiser_and_cond():
                           s_churn=1.0, noise=make_noise(torch.Generator().manual_seed(0)))
         one = sample_paper_2p5d(denoiser, cond, cond)
     assert out.shape == one.shape == cond.shape
+
+
+# ------------------------------------------------------------------------------ Heun correction bound (few steps)
+
+# the 4-step grid of the EDM cards: 5, 0.845, 0.0774, 0.002, 0; correction gains 2.46, 4.95, 18.86
+FEW = get_sigmas_karras(4, 2e-3, 5.0, dtype=torch.float64)
+FEW_GAINS = [2.459, 4.954, 18.86]
+
+
+def reference_heun(denoiser, x, sigmas, s_churn=0.0, noise=None, eval_at_sigma_hat=True):
+    """EDM Algorithm 2 written out (churn over all σ, S_noise 1), as sample_heun computed it before the bound."""
+    grid = sigmas.tolist()
+    n = len(grid) - 1
+    for i in range(n):
+        sigma, sigma_next = grid[i], grid[i + 1]
+        gamma = min(s_churn / n, math.sqrt(2.0) - 1.0)
+        sigma_hat = sigma * (1.0 + gamma) if gamma > 0 else sigma
+        if gamma > 0:
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * noise(x)
+        sig = torch.full((x.shape[0],), sigma_hat if eval_at_sigma_hat else sigma, dtype=x.dtype)
+        d = (x - denoiser(x, sig)) / sigma_hat
+        dt = sigma_next - sigma_hat
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - denoiser(x_2, torch.full((x.shape[0],), sigma_next, dtype=x.dtype))) / sigma_next
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def offset_denoiser(eps: float, below: float = 0.01):
+    """The exact Gaussian denoiser plus a constant error ``eps`` for σ < ``below`` (what offset noise leaves)."""
+
+    def denoiser(x, sigma, cond=None):
+        return gaussian_denoiser(x, sigma) + eps * (sigma.reshape(-1, 1) < below)
+
+    return denoiser
+
+
+def test_correction_gain_and_rule():
+    gains = [heun_correction_gain(a, b) for a, b in zip(FEW[:-2].tolist(), FEW[1:-1].tolist())]
+    assert gains == pytest.approx(FEW_GAINS, rel=1e-3)
+    assert heun_correction_gain(1.0, 0.0) == math.inf
+    assert takes_heun_correction(3.0, 1.0, 1.0) and not takes_heun_correction(3.0 + 1e-9, 1.0, 1.0)  # gain 1: σ̂ = 3σ'
+    assert takes_heun_correction(1e6, 1e-6)  # no bound: every step to σ > 0 (EDM Algorithm 2) ...
+    assert not any(takes_heun_correction(s, 0.0, g) for s in (1e-3, 5.0) for g in (None, 0.0, 1e9))  # ... never to 0
+    assert not takes_heun_correction(1.0, 0.99, 0.0)  # 0: Euler everywhere
+
+
+@pytest.mark.parametrize("s_churn, eval_at_sigma_hat", [(0.0, True), (3.0, True), (3.0, False)])
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_heun_default_is_bit_identical_to_algorithm_2(steps, s_churn, eval_at_sigma_hat):
+    x_t, sigmas = initial_noise()[:256], grid(steps)
+
+    def run(fn, **kw):
+        noise = make_noise(torch.Generator().manual_seed(5))
+        return fn(gaussian_denoiser, x_t, sigmas, s_churn=s_churn, noise=noise, eval_at_sigma_hat=eval_at_sigma_hat,
+                  **kw)
+
+    expected = run(reference_heun)
+    assert torch.equal(run(sample_heun), expected)
+    assert torch.equal(run(sample_heun, max_correction_gain=None), expected)
+    assert torch.equal(run(sample_heun, max_correction_gain=1e9), expected)  # a bound no interval reaches
+    if steps > 1:
+        assert not torch.equal(run(sample_heun, max_correction_gain=0.0), expected)
+    torch.testing.assert_close(run(sample_heun, max_correction_gain=0.0), run(sample_euler), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("steps, sigma_min, sigma_max", [(20, 2e-3, 5.0), (16, 2e-3, 5.0), (16, 0.01, 53.57)])
+def test_recommended_bound_leaves_the_many_step_grids_alone(steps, sigma_min, sigma_max):
+    """EDM's 16/20 Heun steps and SRMRI's default 16: no interval's gain exceeds 1, so the result is unchanged."""
+    sigmas = get_sigmas_karras(steps, sigma_min, sigma_max, dtype=torch.float64)
+    x_t = initial_noise()[:64] / SIGMA_MAX * sigma_max
+    assert num_evaluations(sigmas, 2, RECOMMENDED_MAX_CORRECTION_GAIN) == 2 * steps - 1
+    out = sample_heun(gaussian_denoiser, x_t, sigmas, max_correction_gain=RECOMMENDED_MAX_CORRECTION_GAIN)
+    assert torch.equal(out, sample_heun(gaussian_denoiser, x_t, sigmas))
+
+
+@pytest.mark.parametrize("max_gain, amplified", [(None, True), (19.0, True), (18.0, False), (5.0, False),
+                                                 (RECOMMENDED_MAX_CORRECTION_GAIN, False), (0.0, False)])
+def test_few_step_heun_amplifies_a_small_sigma_error_unless_bounded(max_gain, amplified):
+    """The collapse of the EDM cards on the 4-step grid: an error ε of D below σ = 0.01 (only D(·; 0.002) sees it)
+    reaches the sample as ε·(1 + g·S²/(S² + σ²)) with g = 18.86 through Heun's last correction, as ε without it.
+
+    Sampler and denoiser are affine, so the difference between the runs with and without ε is exactly that."""
+    eps = 1e-3
+    x_t = initial_noise()[:512] / SIGMA_MAX * 5.0
+    delta = (sample_heun(offset_denoiser(eps), x_t, FEW, max_correction_gain=max_gain)
+             - sample_heun(gaussian_denoiser, x_t, FEW, max_correction_gain=max_gain))
+    sigma_last = FEW[-2].item()
+    gain = (FEW[-3].item() - sigma_last) / (2 * sigma_last)
+    expected = eps * (1 + gain * S**2 / (S**2 + sigma_last**2)) if amplified else torch.full_like(S, eps)
+    torch.testing.assert_close(delta, expected.expand_as(delta), rtol=1e-6, atol=1e-12)
+    if amplified:
+        assert (delta > 18 * eps).all()
+
+
+def test_few_step_heun_error_against_the_exact_ode():
+    """End to end on the 4-step grid with a D error of 0.02 below σ = 0.01: unbounded Heun's distance to the exact
+    ODE solution grows by about 19·ε, the bounded sampler's by at most ε."""
+    eps = 0.02
+    x_t = initial_noise()[:2000] / SIGMA_MAX * 5.0
+    exact = exact_ode(x_t, 5.0)
+
+    def err(denoiser, gain):
+        return (sample_heun(denoiser, x_t, FEW, max_correction_gain=gain) - exact).abs().mean().item()
+
+    grow_heun = err(offset_denoiser(eps), None) - err(gaussian_denoiser, None)
+    grow_fixed = err(offset_denoiser(eps), RECOMMENDED_MAX_CORRECTION_GAIN) - err(gaussian_denoiser,
+                                                                                  RECOMMENDED_MAX_CORRECTION_GAIN)
+    assert grow_heun > 10 * eps and grow_fixed <= eps
+    assert err(offset_denoiser(eps), RECOMMENDED_MAX_CORRECTION_GAIN) < 0.5 * err(offset_denoiser(eps), None)
+
+
+@pytest.mark.parametrize("max_gain, expected", [(None, 7), (1e9, 7), (19.0, 7), (18.0, 6), (5.0, 6), (4.9, 5),
+                                                (2.5, 5), (RECOMMENDED_MAX_CORRECTION_GAIN, 4), (0.0, 4)])
+def test_denoiser_calls_with_the_bound(max_gain, expected):
+    """One call per step, one more per corrected step (an Euler step costs one); the corrections at the right σ."""
+    counting, seen = Counting(), []
+    sample_heun(counting, initial_noise()[:8] / SIGMA_MAX * 5.0, FEW, max_correction_gain=max_gain,
+                callback=lambda i, n, s, x, d: seen.append(i))
+    assert len(counting.sigmas) == num_evaluations(FEW, 2, max_gain) == expected
+    assert seen == [0, 1, 2, 3]  # callback once per step whatever the bound
+    corrected = [b for a, b in zip(FEW[:-1].tolist(), FEW[1:].tolist()) if takes_heun_correction(a, b, max_gain)]
+    called = [s[0].item() for s in counting.sigmas]
+    assert sorted(called, reverse=True) == pytest.approx(sorted(FEW[:-1].tolist() + corrected, reverse=True))
+
+
+@pytest.mark.parametrize("steps, s_churn, max_gain", [(6, 0.0, 1.0), (6, 3.0, 1.0), (10, 20.0, 1.0), (4, 0.0, None),
+                                                      (8, 5.0, 2.0)])
+def test_num_evaluations_counts_what_the_samplers_call(steps, s_churn, max_gain):
+    """Churn raises σ̂ and with it the gains: the count follows the samplers (Heun and Euler) exactly."""
+    sigmas = get_sigmas_karras(steps, 2e-3, 5.0, dtype=torch.float64)
+    for order, sampler in ((1, sample_euler), (2, sample_heun)):
+        counting = Counting()
+        kw = {"max_correction_gain": max_gain} if order == 2 else {}
+        sampler(counting, initial_noise()[:8], sigmas, s_churn=s_churn,
+                noise=make_noise(torch.Generator().manual_seed(0)), **kw)
+        assert len(counting.sigmas) == num_evaluations(sigmas, order, max_gain, s_churn)
+    assert num_evaluations(sigmas, 1) == steps and num_evaluations(sigmas, 2) == 2 * steps - 1
+
+
+@pytest.mark.parametrize("max_gain", [None, 5.0, RECOMMENDED_MAX_CORRECTION_GAIN])
+def test_guided_heun_takes_the_same_corrections(max_gain):
+    """SRMRI's fast path (sample_heun_dps on D = x + σ²s) follows the same rule: unguided, it is sample_heun."""
+
+    def score(x, sigma):
+        s2 = sigma.reshape(-1, 1) ** 2
+        return (gaussian_denoiser(x, sigma) - x) / s2
+
+    x_t = initial_noise()[:64] / SIGMA_MAX * 5.0
+    stats: dict = {}
+    guided = sample_heun_dps(score, x_t, FEW, torch.zeros(64, 5, dtype=torch.float64), lambda x: x, zeta=0.0,
+                             max_correction_gain=max_gain, stats=stats)
+    plain = sample_heun(gaussian_denoiser, x_t, FEW, max_correction_gain=max_gain)
+    torch.testing.assert_close(guided, plain, rtol=1e-9, atol=1e-9)
+    assert stats["nfe"] == num_evaluations(FEW, 2, max_gain)

@@ -54,6 +54,8 @@ def test_cond_denoiser_gives_bicubic():
         ({"sampler": "euler", "num_steps": 4}, 4),
         ({"sampler": "heun", "num_steps": 3}, 5),  # 2 evaluations per step, one on the last step to σ = 0
         ({"sampler": "heun", "num_steps": 3, "init_sigma_scale": True}, 5),
+        ({"sampler": "heun", "num_steps": 4, "max_correction_gain": 1.0}, 4),  # every correction's gain > 1
+        ({"sampler": "heun", "num_steps": 20, "max_correction_gain": 1.0}, 39),  # every gain <= 1: Heun as is
     ],
 )
 def test_samplers_shape_and_calls(kwargs, calls_per_batch):
@@ -215,3 +217,14 @@ def test_channels_last_weights_gives_the_layout_back():
     with channels_last_weights(net):
         pass
     assert net.weight.is_contiguous(memory_format=torch.channels_last)  # it was channels-last: left so
+
+
+def test_bounded_heun_at_four_steps_is_euler():
+    """``max_correction_gain`` 1 on the 4-step grid (gains 2.5, 4.95, 19): the collapsing corrections become Euler
+    steps, so the result is the 4-step Euler sampler's, bit for bit."""
+    lr = _lr()[None, None]
+    heun = EDMSliceInferer(sampler="heun", num_steps=4, max_correction_gain=1.0, seed=3, progress=False)
+    euler = EDMSliceInferer(sampler="euler", num_steps=4, seed=3, progress=False)
+    torch.testing.assert_close(heun(lr, NoisyDenoiser()), euler(lr, NoisyDenoiser()), atol=0, rtol=0)
+    plain = EDMSliceInferer(sampler="heun", num_steps=4, seed=3, progress=False)(lr, NoisyDenoiser())
+    assert not torch.equal(plain, euler(lr, NoisyDenoiser()))
