@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_THREADS
+
+from common.evaluation.command_timing import cli_value
 
 SCHEMA = REPO.parent / "shared" / "spec" / "monai" / "meta_schema_20240725.json"
 BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
@@ -23,7 +25,7 @@ LEARNED_IDS = [b.name for b in LEARNED]
 
 
 def bundle_cli(*args: str, bundle: Path | None = None, timeout: int = 900, launcher: tuple = ()) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=SUBPROCESS_THREADS)
     if bundle is not None:  # verify_net_in_out and ckpt_export need the bundle root importable (bundles.md)
         env["PYTHONPATH"] = os.pathsep.join([str(bundle), str(REPO), env.get("PYTHONPATH", "")])
     cmd = [*launcher, "-m", "monai.bundle", *args] if launcher else [sys.executable, "-m", "monai.bundle", *args]
@@ -46,7 +48,7 @@ def overrides(bundle: Path, section: str = "inference") -> list[str]:
         return []
     args = []
     for key, value in json.loads(path.read_text()).get(section, {}).items():
-        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        args += [f"--{key}", cli_value(value)]
     return args
 
 

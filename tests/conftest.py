@@ -1,5 +1,6 @@
 """Test-wide settings: one thread per process (two processes of two threads each are 3-10x slower here)."""
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# threads of the commands a test starts: both cores when the suite runs in one process, one under pytest-xdist
+# (`make test` runs two workers on the two cores)
+SUBPROCESS_THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
 
 REPO = Path(__file__).resolve().parents[1]
 MRI_DIR = REPO.parent / "shared" / "data" / "mri"

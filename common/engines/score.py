@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from common.diffusion.vesde import sample_sigma_vesde
 from common.engines.checkpoints import unwrap_module
-from common.utils import plain_tensor
+from common.utils import as_flag, plain_tensor
 
 __all__ = ["VESDEPrepareBatch", "ExponentialMovingAverage"]
 
@@ -93,7 +93,7 @@ class ExponentialMovingAverage:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.network = network
-        self.decay, self.warmup = float(decay), bool(warmup)
+        self.decay, self.warmup = float(decay), as_flag(warmup)
         self.event = Events.ITERATION_COMPLETED if event is None else event
         self.model = copy.deepcopy(unwrap_module(network)).eval()
         self.model.requires_grad_(False)

@@ -42,6 +42,7 @@ from common.losses.gradient_penalty import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
+from common.utils import as_flag
 
 __all__ = ["WGANGPTrainer"]
 
@@ -179,7 +180,7 @@ class WGANGPTrainer(Trainer):
         self.g_network, self.g_optimizer, self.g_loss_function = g_network, g_optimizer, g_loss_function
         self.d_network, self.d_optimizer = d_network, d_optimizer
         self.n_critic, self.gp_weight, self.adv_weight = int(n_critic), float(gp_weight), float(adv_weight)
-        self.condition_critic = bool(condition_critic)
+        self.condition_critic = as_flag(condition_critic)
         self.g_inferer = SimpleInferer() if g_inferer is None else g_inferer
         self.d_inferer = SimpleInferer() if d_inferer is None else d_inferer
         self.optim_set_to_none = optim_set_to_none

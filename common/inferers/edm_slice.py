@@ -21,7 +21,7 @@ from common.inferers.utils import SliceProgress, autocast_context, channels_last
 from common.transforms.intensity import to_signed, to_unit
 from common.transforms.slices import slice_stack
 from common.transforms.upsample import GridUpsample
-from common.utils import optional
+from common.utils import as_flag, optional
 
 __all__ = ["SAMPLER_NAMES", "EDMSliceInferer"]
 
@@ -99,9 +99,9 @@ class EDMSliceInferer(Inferer):
         self.s_churn = float((10.0 if paper else 0.0) if s_churn is None else s_churn)
         self.s_noise = float((0.9 if paper else 1.0) if s_noise is None else s_noise)
         self.max_correction_gain = optional(max_correction_gain, float)
-        self.init_sigma_scale = bool(init_sigma_scale)
+        self.init_sigma_scale = as_flag(init_sigma_scale)
         self.slice_batch, self.num_samples, self.seed = int(slice_batch), int(num_samples), int(seed)
-        self.amp, self.channels_last, self.progress = bool(amp), bool(channels_last), bool(progress)
+        self.amp, self.channels_last, self.progress = as_flag(amp), as_flag(channels_last), as_flag(progress)
         self.upsample = GridUpsample((1,) + self.scale_factor[1:], upsample_mode)
 
     def condition(self, lr: Tensor) -> Tensor:

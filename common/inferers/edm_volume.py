@@ -40,7 +40,7 @@ from common.inferers.utils import sample_mean_std
 from common.inferers.windowed import WindowedDenoiser
 from common.transforms.intensity import to_signed, to_unit
 from common.transforms.upsample import GridUpsample
-from common.utils import optional
+from common.utils import as_flag, optional
 
 __all__ = ["VOLUME_SAMPLERS", "hr_window", "EDMVolumeInferer"]
 
@@ -139,9 +139,9 @@ class EDMVolumeInferer(Inferer):
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.s_churn, self.s_noise = float(s_churn), float(s_noise)
         self.max_correction_gain = optional(max_correction_gain, float)
-        self.init_sigma_scale = bool(init_sigma_scale)
+        self.init_sigma_scale = as_flag(init_sigma_scale)
         self.num_samples, self.seed = int(num_samples), int(seed)
-        self.amp, self.sw_device, self.progress = bool(amp), sw_device, bool(progress)
+        self.amp, self.sw_device, self.progress = as_flag(amp), sw_device, as_flag(progress)
         self.upsample = GridUpsample(self.scale_factor, upsample_mode)
 
     @property

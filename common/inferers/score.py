@@ -44,7 +44,7 @@ from common.diffusion.samplers import get_sigmas_karras, make_noise, num_evaluat
 from common.diffusion.vesde import get_sigmas_vesde
 from common.inferers.utils import SliceProgress, autocast_context, sample_mean_std
 from common.transforms.pipelines import inference_preprocessing
-from common.utils import is_unset, optional
+from common.utils import as_flag, is_unset, optional
 
 __all__ = [
     "OPERATORS",
@@ -241,7 +241,7 @@ class ScoreSRInferer(Inferer):
         self.sampler = sampler
         self.num_steps = int(defaults["num_steps"] if num_steps is None else num_steps)
         self.zeta = float(defaults["zeta"] if zeta is None else zeta)
-        self.fusion = bool(defaults["fusion"] if fusion is None else fusion)
+        self.fusion = as_flag(defaults["fusion"] if fusion is None else fusion)
         self.zeta_scaling = str(defaults["zeta_scaling"] if zeta_scaling is None else zeta_scaling)
         if self.zeta_scaling not in ("none", "image"):
             raise ValueError(f"zeta_scaling must be 'none' or 'image', got {zeta_scaling!r}")
@@ -251,9 +251,9 @@ class ScoreSRInferer(Inferer):
         self.max_correction_gain = optional(max_correction_gain, float)
         self.fusion_levels, self.wavelet = int(fusion_levels), str(wavelet)
         self.slice_batch, self.num_samples, self.seed = int(slice_batch), int(num_samples), int(seed)
-        self.amp, self.empty_threshold = bool(amp), float(empty_threshold)
+        self.amp, self.empty_threshold = as_flag(amp), float(empty_threshold)
         self.crop_margin = optional(crop_margin, int)
-        self.progress, self.progress_interval = bool(progress), float(progress_interval)
+        self.progress, self.progress_interval = as_flag(progress), float(progress_interval)
         threads = optional(num_threads, int)
         self.num_threads = threads if threads and threads > 0 else None  # 0 keeps torch's setting
         self.operator = make_operator(operator, self.scale_factor[1:], operator_weights)

@@ -21,6 +21,7 @@ from common.inferers.utils import SliceProgress, autocast_context, channels_last
 from common.transforms.intensity import to_unit
 from common.transforms.slice_augment import slice_position
 from common.transforms.upsample import GridUpsample
+from common.utils import as_flag
 
 __all__ = ["SliceContextInferer"]
 
@@ -63,8 +64,8 @@ class SliceContextInferer(Inferer):
                              f"got {scale_factor}")
         self.offsets = tuple(int(o) for o in offsets)
         self.covariates = encode_covariates(covariates or {})
-        self.use_context, self.slice_batch = bool(use_context), int(slice_batch)
-        self.amp, self.channels_last, self.progress = bool(amp), bool(channels_last), bool(progress)
+        self.use_context, self.slice_batch = as_flag(use_context), int(slice_batch)
+        self.amp, self.channels_last, self.progress = as_flag(amp), as_flag(channels_last), as_flag(progress)
         self.upsample = GridUpsample((1,) + self.scale_factor[1:], upsample_mode)
 
     # the 2.5D EDM's per-slice conditioning (upsampled neighbour stack in [-1, 1]) is this network's input

@@ -14,6 +14,8 @@ import torch
 from monai.inferers import Inferer
 from torch import Tensor, nn
 
+from common.utils import as_flag
+
 __all__ = ["autocast_context", "channels_last_weights", "AutocastInferer", "sample_mean_std", "SliceProgress"]
 
 
@@ -59,9 +61,9 @@ class AutocastInferer(Inferer):
         self, enabled: bool = True, dtype: str | torch.dtype = torch.bfloat16, channels_last: bool = False
     ) -> None:
         super().__init__()
-        self.enabled = bool(enabled)
+        self.enabled = as_flag(enabled)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.channels_last = bool(channels_last)
+        self.channels_last = as_flag(channels_last)
 
     def __call__(self, inputs: Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.channels_last:

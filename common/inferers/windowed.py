@@ -36,6 +36,8 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
+from common.utils import as_flag
+
 __all__ = ["window_slices", "WindowedDenoiser"]
 
 
@@ -136,12 +138,12 @@ class WindowedDenoiser(nn.Module):
         self.overlap = overlap
         self.mode = mode
         self.sigma_scale = sigma_scale
-        self.pad_to_roi = bool(pad_to_roi)
+        self.pad_to_roi = as_flag(pad_to_roi)
         self.padding_mode = padding_mode
         self.cval = float(cval)
-        self.autocast_bf16 = bool(autocast_bf16)
+        self.autocast_bf16 = as_flag(autocast_bf16)
         self.sw_device = sw_device
-        self.progress = bool(progress)
+        self.progress = as_flag(progress)
 
     def num_windows(self, spatial_shape: Sequence[int]) -> int:
         """Windows per sample for a volume of ``spatial_shape`` (1 when it fits in one window).

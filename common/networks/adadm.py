@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
+from common.utils import as_flag
+
 __all__ = ["same_conv", "AdaDM", "AdaDMResBlock"]
 
 
@@ -106,8 +108,8 @@ class AdaDMResBlock(nn.Module):
         self.conv2 = same_conv(spatial_dims, out_channels, out_channels, 3, zero=True)
         self.skip = (nn.Identity() if in_channels == out_channels
                      else same_conv(spatial_dims, in_channels, out_channels, 1))
-        self.use_adadm = bool(use_adadm)
-        self.adadm = AdaDM(adadm_eps) if use_adadm else None
+        self.use_adadm = as_flag(use_adadm)
+        self.adadm = AdaDM(adadm_eps) if self.use_adadm else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
+from common.utils import as_flag
+
 __all__ = [
     "spatial_sizes",
     "padding_to_multiple",
@@ -298,7 +300,7 @@ class AdaGNUNet(nn.Module):
             depths = [num_res_blocks] * n_levels
         else:
             depths = [int(d) for d in num_res_blocks]
-        attn = [False] * (n_levels - 1) + [True] if attention_levels is None else [bool(a) for a in attention_levels]
+        attn = [False] * (n_levels - 1) + [True] if attention_levels is None else [as_flag(a) for a in attention_levels]
         if len(depths) != n_levels or len(attn) != n_levels:
             raise ValueError("num_res_blocks and attention_levels need one entry per level of channels")
         self.spatial_dims = spatial_dims

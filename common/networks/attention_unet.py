@@ -40,6 +40,8 @@ from torch import Tensor, nn
 
 from common.networks.adagn_unet import padding_to_multiple, spatial_sizes
 
+from common.utils import as_flag
+
 from .adadm import AdaDMResBlock, same_conv
 
 __all__ = ["COVARIATES", "CovariateEncoder", "SpatialAttention", "AttentionResUNet"]
@@ -255,7 +257,7 @@ class AttentionResUNet(nn.Module):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         channels = [int(c) for c in channels]
-        levels = [bool(a) for a in cross_attention_levels]
+        levels = [as_flag(a) for a in cross_attention_levels]
         if len(levels) != len(channels):
             raise ValueError("cross_attention_levels needs one entry per stage of channels")
         if num_res_blocks < 1:

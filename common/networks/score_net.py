@@ -43,6 +43,7 @@ from monai.networks.layers.factories import Pool
 from torch import Tensor, nn
 
 from common.networks.adadm import same_conv
+from common.utils import as_flag
 
 __all__ = [
     "ScoreNet",
@@ -217,7 +218,7 @@ class ScoreNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         widths = [int(nf * m) for m in ch_mult]
         n_levels = len(widths)
-        attn = [False] * n_levels if attention_levels is None else [bool(a) for a in attention_levels]
+        attn = [False] * n_levels if attention_levels is None else [as_flag(a) for a in attention_levels]
         if len(attn) != n_levels:
             raise ValueError("attention_levels needs one entry per level of ch_mult")
         self.spatial_dims, self.in_channels = spatial_dims, in_channels

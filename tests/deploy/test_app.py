@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bundle_cli import BUNDLES, IDS, infer, ok
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_THREADS
 
 DICOM_SERIES = REPO.parent / "shared" / "data" / "dicom" / "saganon_siemens_skyra_3T_sag_mprage"
 DICOM_TWIN = REPO.parent / "shared" / "data" / "mri" / "dev09_saganon_siemens_skyra_3T_mprage_3y.nii.gz"
@@ -37,7 +37,7 @@ def deploy_python() -> str:
 
 
 def run_app(python: str, bundle: Path, input_dir, output_dir, *sets: str, timeout: int = 900):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=SUBPROCESS_THREADS)
     cmd = [python, "-m", "common.deploy", "--bundle", str(bundle), "--input", str(input_dir),
            "--output", str(output_dir)]
     for kv in sets:

@@ -23,7 +23,7 @@ from bundle_cli import BUNDLES, IDS, LEARNED, LEARNED_IDS, SCHEMA, infer, ok
 from common.data import file_hash
 from common.deploy.export import export_bundle, zoo_problems
 from common.deploy.program import bundle_network, example_input, export_program, max_difference
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_THREADS
 
 INTERPOLATION = REPO / "bundles" / "brain_mri_interpolation_super_resolution"
 EDM25D = REPO / "bundles" / "brain_mri_edm25d_super_resolution"
@@ -85,7 +85,8 @@ def loopback_zoo(tmp_path):
 
 
 def monai_bundle(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=SUBPROCESS_THREADS, NO_PROXY="127.0.0.1",
+               no_proxy="127.0.0.1")
     return subprocess.run([sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=900)
 

@@ -1,10 +1,14 @@
 """The benchmark command on a small synthetic volume with the interpolation bundle (no weights needed)."""
 
+import json
+import sys
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
 
-from common.evaluation import bench
+from common.evaluation import bench, command_timing
 
 
 @pytest.fixture
@@ -119,3 +123,118 @@ def test_labels_and_zoomed_crop_figure(hr_folder, tmp_path):
                      sorted(hr_folder.glob("*.nii.gz")), figure=str(tmp_path / "crops.png"))
     assert [r["bundle"] for r in rows[-2:]] == ["linear", "nearest"]
     assert (tmp_path / "crops.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("value", [False, True, None, "linear", "a,b", "$@bundle_root + '/x.pt'", [1, 2, 2],
+                                   [False, True], {"age": 40, "sex": None}, 0.5])
+def test_cli_values_read_back_unchanged(value):
+    """The command's overrides read back as given by MONAI's CLI parser (python-fire); JSON would not for booleans."""
+    from fire.parser import DefaultParseValue
+
+    assert DefaultParseValue(command_timing.cli_value(value)) == value
+    assert DefaultParseValue(json.dumps([False, True])) == ["false", "true"]  # why not JSON: truthy strings
+
+
+@pytest.mark.parametrize("scale", [(1, 2, 2), (2, 3, 1)])
+def test_lr_affine_centres_the_blocks(scale):
+    """Each LR voxel sits at the mean position of the HR voxels it averages (block average geometry)."""
+    rng = np.random.default_rng(1)
+    hr = np.eye(4)
+    hr[:3] = rng.normal(size=(3, 4))
+    lr = command_timing.lr_affine(hr, scale)
+    for ijk in [(0, 0, 0), (2, 1, 3)]:
+        block = np.stack(np.meshgrid(*[np.arange(i * f, (i + 1) * f) for i, f in zip(ijk, scale)], indexing="ij"), -1)
+        centre = (hr[:3, :3] @ block.reshape(-1, 3).T).mean(1) + hr[:3, 3]
+        np.testing.assert_allclose(lr[:3, :3] @ ijk + lr[:3, 3], centre, atol=1e-12)
+
+
+def test_run_command_measures_each_command_alone(tmp_path):
+    """os.wait4 gives each command its own peak memory (RUSAGE_CHILDREN would keep the largest so far), its exit
+    code and its output."""
+    big = command_timing.run_command([sys.executable, "-c", "b = b'x' * (300 << 20); print('big')"])
+    small = command_timing.run_command([sys.executable, "-c", "import sys; print('small'); sys.exit(3)"])
+    assert big.returncode == 0 and big.peak_rss_mb > 300 and "big" in big.log
+    assert small.returncode == 3 and small.peak_rss_mb < 100 and "small" in small.log
+    assert 0 < small.seconds < 30
+
+
+@pytest.fixture
+def oblique_folder(tmp_path):
+    """The synthetic volume of ``hr_folder`` with anisotropic spacing and an origin away from zero."""
+    rng = np.random.default_rng(0)
+    vol = np.zeros((10, 24, 20), np.float32)
+    vol[2:8, 4:20, 4:16] = rng.uniform(50, 100, (6, 16, 12))
+    affine = np.diag([0.9, 1.1, 1.2, 1.0])
+    affine[:3, 3] = [-10.0, 12.0, 30.0]
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "s1.nii.gz")
+    return tmp_path
+
+
+def test_command_time(oblique_folder, tmp_path):
+    """``command_time``: each bundle's inference command runs on the written LR file, with the spec's overrides on
+    its command line; it takes longer than the in-memory inferer call and writes the SR volume on the HR grid."""
+    files = [oblique_folder / "s1.nii.gz"]
+    out = tmp_path / "out"
+    *_, bspline, linear = bench.run(["brain_mri_interpolation_super_resolution",
+                                     "brain_mri_interpolation_super_resolution:mode=linear,label=lin"],
+                                    files, pad_to=(16, 16, 32), command_time=True, command_output=out)
+    for row in (bspline, linear):
+        assert row["command_s"] > row["s_per_volume"] > 0 and row["command_rss_mb"] > 0
+        assert row["network_calls"] == 1
+    written = [nib.load(str(out / folder / "s1_sr.nii.gz")) for folder in
+               ("0_brain_mri_interpolation_super_resolution", "1_lin")]
+    hr_affine = nib.load(str(files[0])).affine.copy()
+    hr_affine[:3, 3] -= hr_affine[:3, :3] @ [3, 0, 6]  # the centred padding of 10x24x20 to 16x24x32
+    for img in written:
+        assert img.shape == (16, 24, 32)
+        np.testing.assert_allclose(img.affine, hr_affine, atol=1e-4)
+    assert not np.allclose(*(np.asarray(img.dataobj) for img in written))  # mode=linear reached the command
+    table = bench.format_table([bspline, linear])
+    assert "| s command |" in table and "command peak RSS MiB" in table
+    plain = [{k: v for k, v in row.items() if not k.startswith("command")} for row in (bspline, linear)]
+    assert "s command" not in bench.format_table(plain) and "network calls" in bench.format_table(plain)
+
+
+def test_network_calls_and_share_of_peak(hr_folder):
+    """The counter counts the network's calls (the 2D U-Net: one per slice batch of the 10 slices); with a peak,
+    GFLOP/s become a share of the peak of the bundle's dtype (amp: bf16)."""
+    peak = {"fp32": 50.0, "bf16": 200.0}
+    rows = bench.run(["brain_mri_attention_unet_super_resolution:slice_batch=4,progress=false",
+                      "brain_mri_attention_unet_super_resolution:slice_batch=8,progress=false",
+                      "brain_mri_interpolation_super_resolution"],
+                     sorted(hr_folder.glob("*.nii.gz")), pad_to=(10, 32, 32), count_flops=True, peak=peak)
+    batch4, batch8, interpolation = rows[-3:]
+    assert [batch4["network_calls"], batch8["network_calls"], interpolation["network_calls"]] == [3, 2, 1]
+    assert batch4["s_per_call"] == pytest.approx(batch4["s_per_volume"] / 3)
+    assert batch4["peak_dtype"] == "bf16" and interpolation["peak_dtype"] == "fp32"
+    assert batch4["peak_pct"] == pytest.approx(batch4["gflop_per_s"] / 2) and batch4["gflop_per_s"] > 0
+    assert interpolation["peak_pct"] == pytest.approx(interpolation["gflop_per_s"] * 2)
+    assert "% of peak" in bench.format_table(rows)
+
+
+def test_matmul_peak_gflops():
+    peak = bench.matmul_peak_gflops(size=128, repeats=2)
+    assert set(peak) == {"fp32", "bf16"} and all(0 < v < 1e5 for v in peak.values())
+
+
+def test_inference_command_line():
+    """Bench-only keys stay off the command line: ``config=`` files join inference.json in --config_file (a list),
+    ``label=`` names the row only; the other overrides are ``--key value``."""
+    from fire.parser import DefaultParseValue
+
+    argv = command_timing.inference_command("brain_mri_edm25d_super_resolution", {
+        "config": "configs/regression.json", "label": "regression", "num_steps": 4, "amp": False}, "in", "out")
+    options = dict(zip(argv[4::2], argv[5::2]))
+    assert argv[1:4] == ["-m", "monai.bundle", "run"] and "--label" not in options and "--config" not in options
+    assert [Path(c).name for c in DefaultParseValue(options["--config_file"])] == ["inference.json", "regression.json"]
+    assert DefaultParseValue(options["--num_steps"]) == 4 and DefaultParseValue(options["--amp"]) is False
+    assert (options["--dataset_dir"], options["--output_dir"]) == ("in", "out")
+    assert command_timing.inference_command("brain_mri_interpolation_super_resolution", {}, "in", "out")[5].endswith(
+        "configs/inference.json")
+
+
+def test_help_lists_the_speed_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and all(f in out for f in ("--command_time", "--command_output", "--peak"))

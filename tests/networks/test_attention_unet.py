@@ -225,3 +225,15 @@ def test_parameter_counts(config, expected):
     net = AttentionResUNet(spatial_dims=2, in_channels=3, out_channels=1, norm_num_groups=32,
                            cross_attention_levels=(False, False, True, True), context_dim=64, **config)
     assert n_params(net) == expected
+
+
+def test_command_line_strings_are_read_as_flags():
+    """``--use_adadm false`` and ``--cross_attention_levels "[false, true, true]"`` reach the network as the
+    strings "false"/"true" (MONAI's CLI keeps JSON words as strings; bool("false") is True): read as flags."""
+    as_strings = AttentionResUNet(**{**TINY, "use_adadm": "false", "cross_attention_levels": ["false", "true", "true"]})
+    as_bools = AttentionResUNet(**{**TINY, "use_adadm": False, "cross_attention_levels": [False, True, True]})
+    assert n_params(as_strings) == n_params(as_bools)
+    assert not any(isinstance(m, AdaDM) for m in as_strings.modules())
+    assert len(cross_attentions(as_strings)) == len(cross_attentions(as_bools))
+    with pytest.raises(ValueError):
+        AttentionResUNet(**{**TINY, "use_adadm": "maybe"})

@@ -13,6 +13,7 @@ from monai.transforms import Spacing
 from bundle_cli import bundle_cli, ok, overrides, train_args
 from conftest import REPO
 
+from common.evaluation.command_timing import cli_value
 from common.transforms import LoadVolumed, RegistrationError, RicianNoise, ThickSlices, prepare_pairs
 
 # small settings: the thesis's N4 schedule and full-resolution registration take minutes per 256^3 scan
@@ -24,6 +25,8 @@ FAST = {
 
 
 BUNDLE = REPO / "bundles" / "brain_mri_attention_unet_super_resolution"
+# one xdist worker runs this module: its prepared pair (minutes of N4 and registration) is made once
+pytestmark = pytest.mark.xdist_group("pair_preparation")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def test_prepared_pair_trains_and_the_model_infers_on_a_finer_grid(raw_pair, pre
     (lr_only / "lr.nii.gz").write_bytes((raw_pair / "lr.nii.gz").read_bytes())
     network = {k: v for k, v in json.loads((BUNDLE / "configs" / "test_overrides.json").read_text())["train"].items()
                if k in json.loads((BUNDLE / "configs" / "inference.json").read_text())}
-    network_args = [a for k, v in network.items() for a in (f"--{k}", json.dumps(v))]
+    network_args = [a for k, v in network.items() for a in (f"--{k}", cli_value(v))]
     configs = json.dumps([str(BUNDLE / "configs" / c) for c in ("inference.json", "real_pairs_inference.json")])
     ok(bundle_cli("run", "--config_file", configs, "--bundle_root", str(BUNDLE), "--dataset_dir", str(lr_only),
                   "--output_dir", str(tmp_path / "out"), "--model_path", str(ckpt / "model_pairs.pt"),
