@@ -54,9 +54,11 @@ demo: install
 	    --bundle_root bundles/$(DEMO_BUNDLE) --output_dir $(DEMO_OUT)
 	@echo "Results (SR volume, PNG preview, metrics JSON): $(abspath $(DEMO_OUT))"
 
-# DEPLOY_PYTHON: tests/deploy/test_app.py runs the Deploy application with it (and fails, not skips, if it is broken)
+# DEPLOY_PYTHON: tests/deploy/test_app.py runs the Deploy application with it (and fails, not skips, if it is broken).
+# TEST_WORKERS pytest-xdist processes of one thread each (tests/conftest.py): one per core of the 2-core machines.
+TEST_WORKERS ?= 2
 test: install deploy-install
-	DEPLOY_PYTHON=$(abspath $(DEPLOY_VENV))/bin/python $(RUN) -m pytest
+	DEPLOY_PYTHON=$(abspath $(DEPLOY_VENV))/bin/python $(RUN) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(RUN) -m common.evaluation.bench $(BENCH_ARGS)
