@@ -12,7 +12,7 @@
    steps, the seed's posterior) or :class:`common.diffusion.AlignedDDIMScheduler` (``sampler="ddim"``, ``num_steps``
    steps, η = 0 by default);
 4. the result is mapped back to [0, 1]; with ``num_samples`` K > 1 the K samples are reduced to their mean and
-   standard deviation by :func:`common.inferers.sample_mean_std`.
+   standard deviation by :func:`common.inferers.sample_volumes`.
 
 Why not ``DiffusionInferer.sample``: it calls the network on the whole input at once; a 256³ volume does not fit a
 3D U-Net's activations, and windowing each step (not each window's whole trajectory) keeps one noise field per
@@ -33,13 +33,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
 from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import Scheduler
 from torch import Tensor
 
 from common.diffusion.ddpm import SCHEDULE, ddim_scheduler, ddpm_scheduler
-from common.inferers.utils import autocast_context, sample_mean_std
+from common.inferers.utils import autocast_context, sample_volumes
 from common.inferers.windowed import WindowedDenoiser, window_slices
 from common.transforms.intensity import to_signed, to_unit
 from common.transforms.upsample import GridUpsample
@@ -260,21 +259,10 @@ class DDPMSRInferer(Inferer):
         Returns:
             C = 1 (the sample) when ``num_samples`` is 1, else C = 2 (mean and standard deviation of the samples).
         """
-        x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"expected LR volumes (B, 1, x, y, z), got shape {tuple(x.shape)}")
-        outputs = []
-        for b in range(x.shape[0]):
-            cond = self.condition(x[b : b + 1])
-            generator = torch.Generator(device=cond.device).manual_seed(self.seed)
-            name = f"volume {b + 1}/{x.shape[0]}" if x.shape[0] > 1 else "SR"
-
-            def one(k: int, cond: Tensor = cond, generator: torch.Generator = generator, name: str = name) -> Tensor:
-                label = name if self.num_samples == 1 else f"{name} sample {k + 1}/{self.num_samples}"
-                return to_unit(self.sample(cond, network, generator, label))
-
-            outputs.append(sample_mean_std(one, self.num_samples))
-        return torch.cat(outputs, dim=0)
+        return sample_volumes(
+            inputs, self.condition, lambda cond, generator, label: to_unit(self.sample(cond, network, generator, label)),
+            self.num_samples, self.seed,
+        )
 
     def __repr__(self) -> str:
         steps = f"num_steps={self.num_steps}, eta={self.eta}, " if self.sampler == "ddim" else ""

@@ -12,7 +12,7 @@
    network is bounded by ``sw_batch_size`` windows whatever the volume size, and the volume follows one trajectory
    (no seams where windows meet: the paper's per-window sampling with uniform averaging leaves them);
 4. the result is mapped back to [0, 1]; with ``num_samples`` K > 1 the K samples are reduced to their mean and
-   standard deviation by :func:`common.inferers.sample_mean_std` (the loop the 2.5D inferer shares).
+   standard deviation by :func:`common.inferers.sample_volumes` (the loop the 2.5D inferer shares).
 
 The paper's sampler is the default: 20 Euler steps, σ from 5 to 2e-3, ρ = 7, initial state ``z`` (not scaled by
 σ_max, as DIAMOND). One ``torch.Generator`` seeded with ``seed`` per volume draws all noise (initial state, then
@@ -30,13 +30,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import Tensor
 
 from common.diffusion.samplers import SAMPLERS, get_sigmas_karras, make_noise
 from common.diffusion.samplers import num_evaluations as count_evaluations
-from common.inferers.utils import sample_mean_std
+from common.inferers.utils import sample_volumes
 from common.inferers.windowed import WindowedDenoiser
 from common.transforms.intensity import to_signed, to_unit
 from common.transforms.upsample import GridUpsample
@@ -202,21 +201,10 @@ class EDMVolumeInferer(Inferer):
         Returns:
             C = 1 (the sample) when ``num_samples`` is 1, else C = 2 (mean and standard deviation of the samples).
         """
-        x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"expected LR volumes (B, 1, x, y, z), got shape {tuple(x.shape)}")
-        outputs = []
-        for b in range(x.shape[0]):
-            cond = self.condition(x[b : b + 1])
-            generator = torch.Generator(device=cond.device).manual_seed(self.seed)
-            name = f"volume {b + 1}/{x.shape[0]}" if x.shape[0] > 1 else "SR"
-
-            def one(k: int, cond: Tensor = cond, generator: torch.Generator = generator, name: str = name) -> Tensor:
-                label = name if self.num_samples == 1 else f"{name} sample {k + 1}/{self.num_samples}"
-                return to_unit(self.sample(cond, network, generator, label))
-
-            outputs.append(sample_mean_std(one, self.num_samples))
-        return torch.cat(outputs, dim=0)
+        return sample_volumes(
+            inputs, self.condition, lambda cond, generator, label: to_unit(self.sample(cond, network, generator, label)),
+            self.num_samples, self.seed,
+        )
 
     def __repr__(self) -> str:
         return (

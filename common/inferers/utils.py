@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from common.utils import as_flag
 
-__all__ = ["autocast_context", "channels_last_weights", "AutocastInferer", "sample_mean_std", "SliceProgress"]
+__all__ = ["autocast_context", "channels_last_weights", "AutocastInferer", "sample_mean_std", "sample_volumes",
+           "SliceProgress"]
 
 
 def autocast_context(device: torch.device | str, enabled: bool, dtype: torch.dtype = torch.bfloat16):
@@ -103,6 +104,44 @@ def sample_mean_std(sample: Callable[[int], Tensor], num_samples: int = 1, unbia
         m2 = m2 + delta * (x - mean)
     var = m2 / (num_samples - 1 if unbiased else num_samples)
     return torch.cat([mean, var.clamp_min(0).sqrt()], dim=1)
+
+
+def sample_volumes(
+    inputs: Tensor,
+    condition: Callable[[Tensor], Tensor],
+    sample: Callable[[Tensor, torch.Generator, str], Tensor],
+    num_samples: int = 1,
+    seed: int = 0,
+) -> Tensor:
+    """The volume samplers' loop: each LR volume (B, 1, x, y, z) conditioned on its own, one generator seeded with
+    ``seed`` per volume (so a volume's result does not depend on its batch neighbours), ``num_samples`` draws
+    reduced by :func:`sample_mean_std`.
+
+    Args:
+        inputs: LR volumes, channel-first (a MetaTensor or tensor).
+        condition: LR volume (1, 1, x, y, z) -> the sampler's conditioning.
+        sample: ``sample(cond, generator, label)`` -> one sample (1, 1, X, Y, Z) in [0, 1]; ``label`` names it in
+            progress lines.
+        num_samples: K.
+        seed: the generators' seed.
+
+    Returns:
+        (B, 1, X, Y, Z) for K = 1, else (B, 2, X, Y, Z): the mean and the standard deviation.
+    """
+    x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else torch.as_tensor(inputs)
+    if x.ndim != 5 or x.shape[1] != 1:
+        raise ValueError(f"expected LR volumes (B, 1, x, y, z), got shape {tuple(x.shape)}")
+    outputs = []
+    for b in range(x.shape[0]):
+        cond = condition(x[b : b + 1])
+        generator = torch.Generator(device=cond.device).manual_seed(int(seed))
+        name = f"volume {b + 1}/{x.shape[0]}" if x.shape[0] > 1 else "SR"
+
+        def one(k: int, cond: Tensor = cond, generator: torch.Generator = generator, name: str = name) -> Tensor:
+            return sample(cond, generator, name if num_samples == 1 else f"{name} sample {k + 1}/{num_samples}")
+
+        outputs.append(sample_mean_std(one, num_samples))
+    return torch.cat(outputs, dim=0)
 
 
 class SliceProgress:
