@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -148,9 +149,12 @@ def predict_with_calls(
     flops, calls = math.nan, [0]
     with torch.no_grad():
         if count_flops:
-            with FlopCounterMode(display=False) as counter:
-                inferer(x, network)
-            flops = float(counter.get_total_flops())
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    inferer(x, network)
+                flops = float(counter.get_total_flops())
+            except RuntimeError as err:  # e.g. DPS's autograd.grad inside the counter (torch cannot count it)
+                print(f"warning: FLOPs not counted ({str(err).splitlines()[0]})", file=sys.stderr)
         hook = network.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
         try:
             t0 = time.perf_counter()
