@@ -251,4 +251,8 @@ class TissueModeld(MapTransform):
         lo, hi = percentiles(volume[mask])
         d[self.labels_key] = torch.from_numpy(model.labels)[None]
         d[self.stats_key] = torch.tensor([*model.means, *model.stds, hi - lo], dtype=torch.float32)
+        # the labels hold the brain (label > 0): the cache keeps the item's own entry, not a loaded or computed mask
+        d.pop(self.mask_key)
+        if self.mask_key in data:
+            d[self.mask_key] = data[self.mask_key]
         return d
