@@ -26,8 +26,8 @@ from bundle_cli import (
 from input_cases import BAD, GOOD, write_duplicate_stems
 
 # the diffusion bundles draw noise: another seed must give another sample
-STOCHASTIC = {"brain_mri_edm25d_super_resolution", "brain_mri_edm3d_super_resolution",
-              "brain_mri_score_sde_super_resolution"}
+STOCHASTIC = {"brain_mri_ddpm3d_super_resolution", "brain_mri_edm25d_super_resolution",
+              "brain_mri_edm3d_super_resolution", "brain_mri_score_sde_super_resolution"}
 CLI_GOOD = ["lpi", "oblique", "anisotropic", "trailing_singleton", "int64"]
 
 

@@ -216,3 +216,65 @@ def test_attention_unet_gmm_option_wiring(small_training_set, tmp_path):
     assert all({"tissue", "tissue_stats"} <= set(cache._cache[i]) for i in range(len(cache._cache)))
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
     assert batch["label"].shape == (2, 1, 16, 16) and batch["image"].shape == (2, 3, 16, 16)
+
+
+DDPM = REPO / "bundles" / "brain_mri_ddpm3d_super_resolution"
+
+
+def test_ddpm_paper_configuration_parameter_count():
+    """configs/paper.json builds the MONAI GenerativeModels 3D DDPM U-Net (channels 256-256-512, attention at the
+    deepest level, 2 residual blocks) with the concat conditioning's 2 input channels: 189,822,209 parameters."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(DDPM / "configs" / c) for c in ("inference.json", "paper.json")])
+    parser["bundle_root"] = str(DDPM)
+    network = parser.get_parsed_content("network_def")
+    assert sum(p.numel() for p in network.parameters()) == 189_822_209
+
+
+def test_ddpm_cascade_geometry_equals_a_direct_x4(small_volume, tmp_path):
+    """cascade.json (two x2 in-plane stages) writes the x4 grid a direct x4 would: shape, spacing and the LR field
+    of view; each stage's weights also answer the inference contract alone (test_inference_contract runs stage 2's
+    models/model.pt, this runs stage 1's)."""
+    cascade = tmp_path / "cascade"
+    ok(infer(DDPM, small_volume, cascade, "--config_file",
+             json.dumps([str(DDPM / "configs" / c) for c in ("inference.json", "cascade.json")])))
+    src = nib.load(str(small_volume / "crop_dev03.nii.gz"))
+    out = nib.load(str(cascade / "crop_dev03_sr.nii.gz"))
+    assert out.shape == (src.shape[0] * 4, src.shape[1] * 4, src.shape[2])  # (A, S, L) file order: A and S in-plane
+    np.testing.assert_allclose(np.linalg.norm(out.affine[:3, :3], axis=0),
+                               np.linalg.norm(src.affine[:3, :3], axis=0) / [4, 4, 1], atol=1e-6)
+    np.testing.assert_allclose(np.sort(fov_corners(out.affine, out.shape), 0),
+                               np.sort(fov_corners(src.affine, src.shape), 0), atol=1e-5)
+    assert np.isfinite(np.asarray(out.dataobj)).all()
+
+    stage1 = tmp_path / "stage1"
+    ok(infer(DDPM, small_volume, stage1, "--model_path", str(DDPM / "models" / "model_x4_stage1.pt")))
+    out1 = nib.load(str(stage1 / "crop_dev03_sr.nii.gz"))
+    assert out1.shape == (src.shape[0] * 2, src.shape[1] * 2, src.shape[2])
+    np.testing.assert_allclose(np.sort(fov_corners(out1.affine, out1.shape), 0),
+                               np.sort(fov_corners(src.affine, src.shape), 0), atol=1e-5)
+
+
+def test_ddpm_degradations_and_cascade_stage_wiring(small_training_set):
+    """train.json's ``degradations`` trains on one LR copy per named degradation and ``target_downscale`` makes the
+    targets a cascade's first stage (HR block-averaged by it); a batch of (cond, x_t) pairs comes out."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(DDPM / "configs" / "train.json"))
+    overrides = json.loads((DDPM / "configs" / "test_overrides.json").read_text())["train"]
+    overrides.update(bundle_root=str(DDPM), dataset_dir=str(small_training_set), degradations=["spline", "block"],
+                     target_downscale=[1, 2, 2])
+    for key, value in overrides.items():
+        parser[key] = value
+    training = parser.get_parsed_content("split")["training"]
+    half = len(training) // 2  # the training side of the default split of the three crops, once per degradation
+    assert half >= 1 and sorted(item["degradation"] for item in training) == ["block"] * half + ["spline"] * half
+    assert all(item["downscale"] == [1, 2, 2] for item in training)
+    cache = parser.get_parsed_content("train#cache")
+    full = nib.load(str(next(small_training_set.glob("*.nii.gz")))).shape  # 16 x 64 x 64 crops
+    assert {tuple(item["label"].shape[1:]) for item in cache._cache} == {(full[0], full[1] // 2, full[2] // 2)}
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert batch["label"].shape == (2, 1, 16, 32, 32) and batch["image_up"].shape == (2, 1, 16, 32, 32)

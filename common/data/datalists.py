@@ -25,6 +25,8 @@ __all__ = [
     "training_datalist",
     "nilearn_file",
     "with_downscaled_copies",
+    "with_degradation_copies",
+    "downscaled_split",
     "refuse_real_pairs",
     "real_pair_split",
 ]
@@ -197,6 +199,46 @@ def with_downscaled_copies(split: dict[str, list[dict]], factors: Sequence[int] 
         for f in factors for item in split["training"]
     ]
     return {**split, "training": list(split["training"]) + copies}
+
+
+def with_degradation_copies(split: dict[str, list[dict]], names: Sequence[str] = ()) -> dict[str, list[dict]]:
+    """``split`` with every training item once per degradation name, marked ``"degradation": name`` (validation
+    untouched): :class:`common.transforms.SimulateLRd` simulates each copy's LR with its own degradation, so one
+    model learns to invert several acquisitions (e.g. the seed's cubic spline and block averaging). Empty
+    ``names`` returns ``split`` unchanged.
+
+    Args:
+        split: ``{"training": [...], "validation": [...]}``.
+        names: names of :data:`common.transforms.DEGRADATIONS` (checked there, when the LR is simulated).
+    """
+    names = [str(n) for n in names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"degradation names must differ, got {names}")
+    if not names:
+        return split
+    copies = [
+        {**item, "degradation": name, "subject": f"{item.get('subject', '')}_{name}"}
+        for name in names for item in split["training"]
+    ]
+    return {**split, "training": copies}
+
+
+def downscaled_split(split: dict[str, list[dict]], factors: Sequence[int] | None = None) -> dict[str, list[dict]]:
+    """``split`` with every item (training and validation) marked ``"downscale": factors``: its HR is block-averaged
+    by ``factors`` before anything else (:class:`common.transforms.BlockDownscaled`). This is the data of a
+    cascade's earlier stage, whose target is the next stage's input (x4 = x2 then x2: the first stage learns
+    HR/4 -> HR/2). None or all-ones returns ``split`` unchanged.
+
+    Args:
+        split: ``{"training": [...], "validation": [...]}``.
+        factors: integer block sizes per spatial axis, e.g. [1, 2, 2].
+    """
+    if factors is None or all(int(f) == 1 for f in factors):
+        return split
+    factors = [int(f) for f in factors]
+    if any(f < 1 for f in factors):
+        raise ValueError(f"downscale factors must be positive integers, got {factors}")
+    return {name: [{**item, "downscale": factors} for item in items] for name, items in split.items()}
 
 
 def refuse_real_pairs(split: dict[str, list[dict]], datalist: str | None = None) -> dict[str, list[dict]]:

@@ -72,12 +72,7 @@ __all__ = [
 ]
 
 
-DEGRADATIONS = {
-    "block": degrade.BlockAverage,
-    "kspace": degrade.KSpaceTruncation,
-    "gaussian": degrade.GaussianDecimation,
-    "spline": degrade.SplineDownsample,
-}
+DEGRADATIONS = degrade.DEGRADATIONS
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,6 +229,7 @@ def run(
     command_time: bool = False,
     command_output: str | Path | None = None,
     peak: dict[str, float] | None = None,
+    crop: Sequence[int] | None = None,
 ) -> list[dict]:
     """Benchmark rows: first the interpolation baselines of :data:`common.evaluation.BASELINES` (scored on the same
     LR inputs as the bundles, no timings), then one row per bundle (means over the volumes), each preceded by one
@@ -251,9 +247,11 @@ def run(
     ``OMP_NUM_THREADS`` = torch's threads) for ``command_s`` and ``command_rss_mb``; its outputs are kept under
     ``command_output`` when given (a folder ``<position>_<label>`` per bundle, ``<subject>_sr.nii.gz`` in it).
     ``peak`` (:func:`matmul_peak_gflops`) adds ``peak_pct``: GFLOP/s (``count_flops``) as a % of the peak of the
-    dtype the bundle runs (``peak_dtype``: bf16 when its config's ``amp`` is set, else fp32)."""
-    if brain_mask == "atlas" and (slices or pad_to):
-        raise ValueError("brain_mask='atlas' registers the atlas onto whole volumes: drop slices and pad_to")
+    dtype the bundle runs (``peak_dtype``: bf16 when its config's ``amp`` is set, else fp32). ``crop`` keeps the
+    central box of that RAS shape of each HR volume (after ``slices``; an axis shorter than the box is kept whole):
+    a small region for samplers too slow for whole slabs (e.g. 1000 DDPM steps on CPU)."""
+    if brain_mask == "atlas" and (slices or pad_to or crop):
+        raise ValueError("brain_mask='atlas' registers the atlas onto whole volumes: drop slices, crop and pad_to")
     rows, baseline_rows = [], {mode: [] for mode in BASELINES}
     brains: dict[Path, np.ndarray] = {}  # one atlas registration per volume, shared by the bundles
     figure_subject = figure_subject or (nifti_stem(files[0]) if files else None)
@@ -276,6 +274,10 @@ def run(
             if slices:
                 start = max((hr.shape[1] - slices) // 2, 0)
                 hr, offset[0] = hr[:, start : start + slices], start
+            if crop:
+                starts = [max((s - int(c)) // 2, 0) for s, c in zip(hr.shape[1:], crop)]
+                hr = hr[(slice(None), *(slice(a, a + int(c)) for a, c in zip(starts, crop)))]
+                offset += starts
             if pad_to:
                 target = [max(int(p), s) for p, s in zip(pad_to, hr.shape[1:])]
                 offset -= [(t - s) // 2 for t, s in zip(target, hr.shape[1:])]  # SpatialPad's centring
@@ -395,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--degradation", choices=sorted(DEGRADATIONS), default="block")
     ap.add_argument("--scale", nargs="+", type=int, default=[1, 2, 2], help="reduction factor per RAS axis")
     ap.add_argument("--slices", type=int, default=None, help="central sagittal slices to keep (default: all)")
+    ap.add_argument("--crop", nargs=3, type=int, default=None,
+                    help="keep the central box of this RAS shape of each HR volume (after --slices), e.g. 16 96 96")
     ap.add_argument("--pad_to", nargs=3, type=int, default=None,
                     help="zero-pad each HR volume (centred) to at least this RAS shape, e.g. 256 256 256")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -431,8 +435,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"error: {args.data}: subjects not found: {sorted(missing)}")
     rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to, args.edge,
                args.per_subject, args.brain_mask, args.figure, args.figure_subject, args.figure_box,
-               args.command_time, args.command_output, peak)
-    print(f"degradation: {args.degradation} x{args.scale}; slices: {args.slices or 'all'}; "
+               args.command_time, args.command_output, peak, args.crop)
+    print(f"degradation: {args.degradation} x{args.scale}; slices: {args.slices or 'all'}; crop: {args.crop or 'no'}; "
           f"padded to: {args.pad_to or 'no'}; "
           f"volumes: {', '.join(nifti_stem(f) for f in files)}; torch threads: {torch.get_num_threads()}"
           + (f"; matmul peak GFLOP/s: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f}" if peak else "")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from common.data.io import atomic_path
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: importing common.evaluation stays light
+    from matplotlib.figure import Figure
 
 __all__ = ["METRIC_LABELS", "bar_chart", "three_view", "preview", "zoomed_crops", "error_heatmap", "per_subject_psnr",
            "per_slice_psnr"]
@@ -39,8 +40,19 @@ METRIC_LABELS = {
 _VIEWS = ("sagittal", "coronal", "axial")
 
 
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A new constrained-layout matplotlib Figure (no pyplot state); matplotlib is imported here, on first use."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(f"common.evaluation.figures needs matplotlib to draw figures ({err})") from err
+    return Figure(figsize=figsize, layout="constrained")
+
+
 def _save(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Render ``fig`` with Agg and write it atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(path)
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
@@ -98,7 +110,7 @@ def bar_chart(
         raise ValueError("bar_chart needs at least one method and one metric")
     methods = list(results)
     colors = _colors(methods)
-    fig = Figure(figsize=(max(3.2, 0.9 * len(methods) + 1.6) * len(metrics), 3.6), layout="constrained")
+    fig = _figure(figsize=(max(3.2, 0.9 * len(methods) + 1.6) * len(metrics), 3.6))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         values = [_number(results[m].get(metric)) for m in methods]
@@ -144,7 +156,7 @@ def _three_view_figure(
     if window is None:  # one robust window for every panel, so intensities compare across rows
         window = (min(float(np.percentile(v, 0.5)) for v in vols.values()),
                   max(float(np.percentile(v, 99.5)) for v in vols.values()))
-    fig = Figure(figsize=(3 * panel + 0.4, len(vols) * panel + (0.5 if title else 0.3)), layout="constrained")
+    fig = _figure(figsize=(3 * panel + 0.4, len(vols) * panel + (0.5 if title else 0.3)))
     axes = fig.subplots(len(vols), 3, squeeze=False)
     for r, (name, vol) in enumerate(vols.items()):
         centre = [s // 2 for s in vol.shape] if index is None else [int(i) for i in index]
@@ -235,7 +247,7 @@ def zoomed_crops(
                   max(float(np.percentile(v, 99.5)) for v in vols.values()))
     from matplotlib.patches import Rectangle
 
-    fig = Figure(figsize=(len(vols) * panel, 2 * panel + (0.4 if title else 0.2)), layout="constrained")
+    fig = _figure(figsize=(len(vols) * panel, 2 * panel + (0.4 if title else 0.2)))
     axes = fig.subplots(2, len(vols), squeeze=False)
     for c, (name, vol) in enumerate(vols.items()):
         plane = _plane(vol, axis, index)  # transposed: rows are the second remaining axis
@@ -275,7 +287,7 @@ def error_heatmap(
     err = np.abs(_plane(sr_v, axis, index).astype(np.float64) - _plane(hr_v, axis, index))
     mse = float(np.mean(err**2))
     psnr_text = "inf" if mse == 0 else f"{10 * math.log10(1.0 / mse):.2f}"
-    fig = Figure(figsize=(4.4, 4.0), layout="constrained")
+    fig = _figure(figsize=(4.4, 4.0))
     ax = fig.subplots()
     image = ax.imshow(err, cmap="inferno", origin="lower", vmin=0.0, vmax=vmax or max(float(err.max()), 1e-6),
                       interpolation="nearest")
@@ -306,7 +318,7 @@ def per_subject_psnr(
         raise ValueError("per_subject_psnr needs at least one subject summary")
     colors = _colors(list(by_method))
     width = 0.8 / max(len(by_method), 1)
-    fig = Figure(figsize=(max(4.0, 0.5 * len(subjects) * len(by_method) + 1.8), 3.6), layout="constrained")
+    fig = _figure(figsize=(max(4.0, 0.5 * len(subjects) * len(by_method) + 1.8), 3.6))
     ax = fig.subplots()
     x = np.arange(len(subjects))
     shown: list[float] = []
@@ -343,7 +355,7 @@ def per_slice_psnr(
     if not per_slice_rows_by_method or not any(per_slice_rows_by_method.values()):
         raise ValueError("per_slice_psnr needs at least one per-slice row")
     colors = _colors(list(per_slice_rows_by_method))
-    fig = Figure(figsize=(6.0, 3.6), layout="constrained")
+    fig = _figure(figsize=(6.0, 3.6))
     ax = fig.subplots()
     styles = ("-", "--", ":", "-.")
     for method, rows in per_slice_rows_by_method.items():

@@ -39,6 +39,8 @@ __all__ = [
     "SplineDownsampled",
     "RicianNoised",
     "BlockDownscaled",
+    "DEGRADATIONS",
+    "degradation_by_name",
 ]
 
 
@@ -265,8 +267,10 @@ RicianNoised = _dict_version(RicianNoise, "Dictionary version of :class:`RicianN
 
 
 class BlockDownscaled(MapTransform):
-    """Block-average ``keys`` by the item's integer ``factor_key`` (e.g. 2) along every axis, geometry included;
-    items without it pass unchanged (:func:`common.data.with_downscaled_copies` marks the copies).
+    """Block-average ``keys`` by the item's ``factor_key``, geometry included: an integer (e.g. 2) along every axis
+    (:func:`common.data.with_downscaled_copies` marks such copies) or one factor per axis (e.g. [1, 2, 2]: the
+    coarser target of a cascade's earlier stage, :func:`common.data.downscaled_split`); items without it pass
+    unchanged.
 
     Args:
         keys: the HR volume(s).
@@ -279,8 +283,30 @@ class BlockDownscaled(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
-        factor = int(d.get(self.factor_key, 1))
-        if factor > 1:
+        factor = d.get(self.factor_key, 1)
+        factors = [int(f) for f in factor] if isinstance(factor, Sequence) else [int(factor)]
+        if any(f > 1 for f in factors):
             for key in self.key_iterator(d):
-                d[key] = BlockAverage(factor)(d[key])
+                d[key] = BlockAverage(factors if len(factors) > 1 else factors[0])(d[key])
         return d
+
+
+DEGRADATIONS: dict[str, type[Degradation]] = {
+    "block": BlockAverage,
+    "kspace": KSpaceTruncation,
+    "gaussian": GaussianDecimation,
+    "spline": SplineDownsample,
+}
+"""The resampling degradations by the names the command lines and datalists use (factors are their one argument)."""
+
+
+def degradation_by_name(name: str, factors: Sequence[int] | int) -> Degradation:
+    """The degradation ``name`` (a key of :data:`DEGRADATIONS`) reducing by ``factors``; a clear error otherwise.
+
+    Args:
+        name: "block", "kspace", "gaussian" or "spline".
+        factors: reduction per spatial axis.
+    """
+    if name not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {name!r}; choose from {sorted(DEGRADATIONS)}")
+    return DEGRADATIONS[name](factors)

@@ -13,7 +13,7 @@ from monai.transforms import CenterSpatialCropd, Compose, MapTransform, Spacingd
 
 from common.data import VolumeError
 
-from common.transforms.degrade import BlockAverage, BlockDownscaled, Degraded
+from common.transforms.degrade import BlockAverage, BlockDownscaled, Degraded, degradation_by_name
 from common.transforms.intensity import PercentileNormalized
 from common.transforms.io import LoadVolumed, SaveSRd
 from common.transforms.mask import HeadDepthd
@@ -38,7 +38,9 @@ __all__ = [
 
 
 class SimulateLRd(Transform):
-    """Degrade ``label`` (HR) into ``image`` (LR) for items that have no LR image; block averaging by default.
+    """Degrade ``label`` (HR) into ``image`` (LR) for items that have no LR image; block averaging by default. An
+    item naming its own degradation under ``"degradation"`` (:func:`common.data.with_degradation_copies`) gets that
+    one (a name of :data:`common.transforms.DEGRADATIONS`, by ``scale_factor``).
 
     Args:
         scale_factor: HR/LR factor per RAS axis (for the default degradation).
@@ -49,6 +51,7 @@ class SimulateLRd(Transform):
 
     def __init__(self, scale_factor: Sequence[int], degradation: Transform | None = None,
                  units_key: str | None = None):
+        self.scale_factor = scale_factor
         self.degradation = degradation if degradation is not None else BlockAverage(scale_factor)
         self.degrade = Degraded(keys="label", degradation=self.degradation, output_keys="image")
         self.units_key = units_key
@@ -56,7 +59,10 @@ class SimulateLRd(Transform):
     def __call__(self, data):
         if "image" in data or "label" not in data:
             return data
-        d = self.degrade(data)
+        named = data.get("degradation")
+        degrade = self.degrade if named is None else Degraded(
+            keys="label", degradation=degradation_by_name(named, self.scale_factor), output_keys="image")
+        d = degrade(data)
         if self.units_key is not None:
             d[self.units_key] = d["image"].clone()
         return d
@@ -180,8 +186,9 @@ def training_preprocessing(
 def validation_preprocessing(
     scale_factor: Sequence[int], num_slices: int | None = None, degradation: Transform | None = None
 ) -> Compose:
-    """Validation volumes: the HR ``label`` cropped to its central ``num_slices`` sagittal slices, the LR ``image``
-    simulated from it, both scaled with the LR's percentiles; ``label`` cropped to the SR grid.
+    """Validation volumes: the HR ``label`` (block-averaged first when the item is marked ``downscale``, as a
+    cascade's earlier stage) cropped to its central ``num_slices`` sagittal slices, the LR ``image`` simulated from
+    it, both scaled with the LR's percentiles; ``label`` cropped to the SR grid.
 
     Args:
         scale_factor: HR/LR factor per RAS axis.
@@ -191,6 +198,7 @@ def validation_preprocessing(
     return Compose(
         [
             LoadVolumed(keys="label"),
+            BlockDownscaled("label"),
             central_slices(num_slices),
             SimulateLRd(scale_factor, degradation),
             CropHRToLRd(scale_factor),

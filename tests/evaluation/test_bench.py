@@ -41,6 +41,17 @@ def test_run_rows(hr_folder, pad_to, shape):
     assert table.count("\n") == 5 and "Δ PSNR vs B-spline" in table and "| n/a |" in table
 
 
+def test_crop_keeps_the_central_box(hr_folder, tmp_path):
+    """``crop``: the central box of each HR volume (an axis shorter than the box is kept whole), scored like a slab;
+    the command run by ``command_time`` gets the same box (its shape is checked against the benchmark's)."""
+    files = sorted(hr_folder.glob("*.nii.gz"))
+    *_, row = bench.run(["brain_mri_interpolation_super_resolution"], files, crop=(6, 16, 40), command_time=True,
+                        command_output=tmp_path / "out")
+    assert row["shape"] == "6x16x20" and row["command_s"] > 0
+    sr = nib.load(next((tmp_path / "out").rglob("s1_sr.nii.gz")))
+    assert sr.shape == (6, 16, 20) and sr.affine[0, 3] == pytest.approx(2.0)  # the box starts at voxel 2 of axis 0
+
+
 def test_per_subject_rows(hr_folder):
     """``per_subject``: one row per volume above each mean row (baselines included); the mean is their mean."""
     vol = nib.load(hr_folder / "s1.nii.gz")
