@@ -162,16 +162,20 @@ def test_edm25d_strip_and_downscaled_copies_wiring(small_training_set):
 ATTENTION_UNET = REPO / "bundles" / "brain_mri_attention_unet_super_resolution"
 
 
-def test_attention_unet_paper_configuration_is_the_thesis_network():
-    """configs/paper.json builds the thesis's U-Net (channels 64-128, 3 residual blocks, cross-attention from the
-    third stage): 7,967,605 parameters."""
+def paper_parameter_count(bundle) -> int:
+    """Parameters of ``network_def`` with the bundle's configs/paper.json on top of its inference.json."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(ATTENTION_UNET / "configs" / c) for c in ("inference.json", "paper.json")])
-    parser["bundle_root"] = str(ATTENTION_UNET)
-    network = parser.get_parsed_content("network_def")
-    assert sum(p.numel() for p in network.parameters()) == 7_967_605
+    parser.read_config([str(bundle / "configs" / c) for c in ("inference.json", "paper.json")])
+    parser["bundle_root"] = str(bundle)
+    return sum(p.numel() for p in parser.get_parsed_content("network_def").parameters())
+
+
+def test_attention_unet_paper_configuration_is_the_thesis_network():
+    """configs/paper.json builds the thesis's U-Net (channels 64-128, 3 residual blocks, cross-attention from the
+    third stage): 7,967,605 parameters."""
+    assert paper_parameter_count(ATTENTION_UNET) == 7_967_605
 
 
 def test_attention_unet_gan_trains_and_checkpoints_both_networks(small_training_set, tmp_path):
@@ -224,13 +228,7 @@ DDPM = REPO / "bundles" / "brain_mri_ddpm3d_super_resolution"
 def test_ddpm_paper_configuration_parameter_count():
     """configs/paper.json builds the MONAI GenerativeModels 3D DDPM U-Net (channels 256-256-512, attention at the
     deepest level, 2 residual blocks) with the concat conditioning's 2 input channels: 189,822,209 parameters."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(DDPM / "configs" / c) for c in ("inference.json", "paper.json")])
-    parser["bundle_root"] = str(DDPM)
-    network = parser.get_parsed_content("network_def")
-    assert sum(p.numel() for p in network.parameters()) == 189_822_209
+    assert paper_parameter_count(DDPM) == 189_822_209
 
 
 def test_ddpm_cascade_geometry_equals_a_direct_x4(small_volume, tmp_path):

@@ -54,15 +54,21 @@ class SimulateLRd(Transform):
         self.scale_factor = scale_factor
         self.degradation = degradation if degradation is not None else BlockAverage(scale_factor)
         self.degrade = Degraded(keys="label", degradation=self.degradation, output_keys="image")
+        self.named: dict[str, Degraded] = {}  # one transform per degradation name, built on first use
         self.units_key = units_key
+
+    def _degrade(self, name: str | None) -> Degraded:
+        if name is None:
+            return self.degrade
+        if name not in self.named:
+            self.named[name] = Degraded(keys="label", degradation=degradation_by_name(name, self.scale_factor),
+                                        output_keys="image")
+        return self.named[name]
 
     def __call__(self, data):
         if "image" in data or "label" not in data:
             return data
-        named = data.get("degradation")
-        degrade = self.degrade if named is None else Degraded(
-            keys="label", degradation=degradation_by_name(named, self.scale_factor), output_keys="image")
-        d = degrade(data)
+        d = self._degrade(data.get("degradation"))(data)
         if self.units_key is not None:
             d[self.units_key] = d["image"].clone()
         return d
