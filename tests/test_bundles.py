@@ -231,6 +231,28 @@ def test_ddpm_paper_configuration_parameter_count():
     assert paper_parameter_count(DDPM) == 189_822_209
 
 
+@pytest.mark.parametrize(
+    "configs, expected",
+    [(("inference.json",), ("ddim", 1, 100)), (("inference.json", "paper.json"), ("ddpm", 1000, None)),
+     (("inference.json", "cascade.json"), ("ddim", 1, 100)), (("train.json", "evaluate.json"), ("ddim", 1, 100))],
+)
+def test_ddpm_samplers_of_each_configuration(configs, expected):
+    """The CPU default is the CCDF start (1 DDIM step from the conditioning diffused to t0 = 100: the validation
+    choice on the card) wherever the bundle samples; paper.json keeps the seed's 1000 ancestral steps from noise."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(DDPM / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(DDPM)
+    key = {"cascade.json": "stage_inferer", "evaluate.json": "validate#inferer"}.get(configs[-1], "inferer")
+    inferer = parser.get_parsed_content(key)
+    sampler, nfe, t0 = expected
+    assert (inferer.sampler, inferer.num_evaluations, inferer.start_timestep) == (sampler, nfe, t0)
+    if t0 is not None:
+        assert [int(t) for t in inferer.scheduler().timesteps] == [t0]
+    assert inferer.channels_last
+
+
 def test_ddpm_cascade_geometry_equals_a_direct_x4(small_volume, tmp_path):
     """cascade.json (two x2 in-plane stages) writes the x4 grid a direct x4 would: shape, spacing and the LR field
     of view; each stage's weights also answer the inference contract alone (test_inference_contract runs stage 2's

@@ -28,7 +28,9 @@ huggingface/diffusers#12633 for their "linspace" spacing). Here the previous tim
 ``timesteps`` (−1, i.e. ᾱ = 1, after the last), and the default spacing is "trailing" (Lin et al. 2024, "Common
 Diffusion Noise Schedules and Sample Steps are Flawed", Table 2): N steps from t = T − 1 with stride T/N, the last
 one from t = T/N − 1 straight to x̂0, so no evaluation is spent at t = 0 where ᾱ_0 ≈ 1. η = 1 gives the ancestral
-sampler of the respaced chain (DDPM with fewer steps).
+sampler of the respaced chain (DDPM with fewer steps). ``start_timestep`` t0 < T − 1 spaces the N steps over
+[0, t0] instead (stride (t0 + 1)/N): the grid of a trajectory that starts from a forward-diffused initial estimate
+(Chung et al. 2022, "Come-Closer-Diffuse-Faster", CCDF; see :class:`common.inferers.DDPMSRInferer`).
 """
 
 from __future__ import annotations
@@ -121,17 +123,32 @@ class AlignedDDIMScheduler(DDIMScheduler):
         schedule: name of a MONAI ``NoiseSchedules`` entry (default the seed's clipped cosine).
         timestep_spacing: "trailing" (N steps from T − 1 with stride T/N, the last to x̂0 directly) or "linspace"
             (MONAI's ``round(linspace(T − 1, 0, N))``, which spends its last evaluation at t = 0).
+        start_timestep: first timestep t0 of the "trailing" grid (N steps with stride (t0 + 1)/N); None: T − 1.
         kwargs: MONAI's DDIM arguments (``clip_sample``, ``set_alpha_to_one``, ``steps_offset`` for "linspace",
             ``prediction_type``, ``clip_sample_min/max``) and the schedule's (``s``, ``max_beta``).
     """
 
     def __init__(
-        self, num_train_timesteps: int = 1000, schedule: str = SCHEDULE, timestep_spacing: str = "trailing", **kwargs
+        self,
+        num_train_timesteps: int = 1000,
+        schedule: str = SCHEDULE,
+        timestep_spacing: str = "trailing",
+        start_timestep: int | None = None,
+        **kwargs,
     ) -> None:
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
-        self.timestep_spacing = timestep_spacing  # read by set_timesteps, which MONAI's __init__ calls
+        if start_timestep is not None:
+            if timestep_spacing != "trailing":
+                raise ValueError("start_timestep needs timestep_spacing='trailing'")
+            if not 0 <= int(start_timestep) < int(num_train_timesteps):
+                raise ValueError(f"start_timestep must be in [0, {int(num_train_timesteps) - 1}], got {start_timestep}")
+        # read by set_timesteps, which MONAI's __init__ calls with N = T (every timestep)
+        self.timestep_spacing, self.start_timestep = timestep_spacing, None
         super().__init__(num_train_timesteps, schedule, **kwargs)
+        if start_timestep is not None:  # as MONAI's __init__: every timestep, here those up to t0
+            self.start_timestep = int(start_timestep)
+            self.set_timesteps(self.start_timestep + 1)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Set the N inference timesteps (descending, unique).
@@ -143,12 +160,13 @@ class AlignedDDIMScheduler(DDIMScheduler):
         if self.timestep_spacing == "linspace":
             super().set_timesteps(num_inference_steps, device)
             return
-        n, big_t = int(num_inference_steps), self.num_train_timesteps
-        if not 1 <= n <= big_t:
-            raise ValueError(f"num_inference_steps must be in [1, {big_t}], got {num_inference_steps}")
+        n = int(num_inference_steps)
+        span = self.num_train_timesteps if self.start_timestep is None else self.start_timestep + 1
+        if not 1 <= n <= span:
+            raise ValueError(f"num_inference_steps must be in [1, {span}], got {num_inference_steps}")
         self.num_inference_steps = n
-        # stride T/N >= 1, so the rounded values are unique; the first is T − 1
-        steps = (torch.arange(n, 0, -1, dtype=torch.float64) * big_t / n).round().long() - 1
+        # stride span/N >= 1, so the rounded values are unique; the first is span − 1 (T − 1 or t0)
+        steps = (torch.arange(n, 0, -1, dtype=torch.float64) * span / n).round().long() - 1
         self.timesteps = steps.to(device)
 
     def previous_timestep(self, timestep: int | Tensor) -> int:
@@ -231,6 +249,7 @@ def ddim_scheduler(
     timestep_spacing: str = "trailing",
     clip_sample: bool = True,
     prediction_type: str = "epsilon",
+    start_timestep: int | None = None,
     **schedule_args,
 ) -> AlignedDDIMScheduler:
     """:class:`AlignedDDIMScheduler` on the seed's schedule with ``num_inference_steps`` set.
@@ -242,9 +261,10 @@ def ddim_scheduler(
         timestep_spacing: "trailing" or "linspace" (see :class:`AlignedDDIMScheduler`).
         clip_sample: clip x̂0 to [-1, 1] in each step.
         prediction_type: "epsilon", "sample" or "v_prediction".
+        start_timestep: first timestep t0 of the grid ("trailing" only; None: T − 1).
         schedule_args: the schedule's arguments (``s``, ``max_beta``).
     """
-    scheduler = AlignedDDIMScheduler(num_train_timesteps, schedule, timestep_spacing, clip_sample=clip_sample,
-                                     prediction_type=prediction_type, **schedule_args)
+    scheduler = AlignedDDIMScheduler(num_train_timesteps, schedule, timestep_spacing, start_timestep,
+                                     clip_sample=clip_sample, prediction_type=prediction_type, **schedule_args)
     scheduler.set_timesteps(int(num_inference_steps))
     return scheduler

@@ -4,7 +4,11 @@
 
 1. the LR volume (B, 1, x, y, z) in [0, 1] is upsampled onto the HR grid (:class:`common.transforms.GridUpsample`,
    grid-aligned cubic by default, as the other bundles) and mapped to [-1, 1]: the conditioning ``cond``;
-2. one noise field ``x_T ~ N(0, I)`` of the HR volume's size starts one reverse trajectory;
+2. one noise field ``x_T ~ N(0, I)`` of the HR volume's size starts one reverse trajectory; with ``start_timestep``
+   t0 the trajectory starts instead at t0 from the conditioning diffused forward,
+   ``x_t0 = √ᾱ_t0 · cond + √(1 − ᾱ_t0) · ε`` (Chung et al. 2022, "Come-Closer-Diffuse-Faster", CCDF: a
+   good initial estimate lets the reverse process start at t0 < T with fewer steps and a smaller final error), so
+   the steps from T to t0 are not paid and the steps where an ε-model's x̂0 is least accurate are skipped;
 3. at every step the ε-network ``network(cat[x_t, cond], t)`` (MONAI's ``DiffusionInferer`` concat conditioning;
    e.g. :class:`monai.networks.nets.DiffusionModelUNet` with 2 input channels) is evaluated over the whole volume
    on Gaussian-blended windows by :class:`common.inferers.WindowedDenoiser` (the 3D EDM bundle's windowing, with t
@@ -126,6 +130,9 @@ class DDPMSRInferer(Inferer):
         num_steps: DDIM steps N (network evaluations per sample).
         eta: DDIM η (0: deterministic given the initial noise; 1: ancestral sampling of the respaced chain).
         timestep_spacing: DDIM timesteps, "trailing" (from T − 1 with stride T/N) or "linspace" (MONAI's).
+        start_timestep: t0 of CCDF: start at t0 from the conditioning diffused forward to t0 ("ddim": the N steps
+            are spaced over [0, t0], "trailing" only; "ddpm": the t0 + 1 steps t0 … 0); None: from pure noise at
+            T − 1.
         num_train_timesteps: T of the trained model (1000 in the seed).
         schedule: MONAI ``NoiseSchedules`` name of the training schedule (the seed's clipped cosine).
         schedule_args: the schedule's arguments, e.g. ``{"max_beta": 0.3}``.
@@ -133,6 +140,8 @@ class DDPMSRInferer(Inferer):
         num_samples: K; K > 1 returns the mean and the standard deviation of K samples as 2 channels.
         seed: seed of the per-volume generator.
         amp: run the network under bf16 autocast (CPU or GPU); the trajectory stays float32.
+        channels_last: give the network its windows channels-last (faster 3D convolutions on CPU; see
+            :class:`common.inferers.WindowedDenoiser`).
         upsample_mode: upsampling of the LR conditioning ("cubic", as the bundle's training pairs).
         sw_device: device of the network and the windows (None: the input's); the volume stays on the input's.
         progress: print about ten lines per trajectory to stderr.
@@ -150,6 +159,7 @@ class DDPMSRInferer(Inferer):
         num_steps: int = 50,
         eta: float = 0.0,
         timestep_spacing: str = "trailing",
+        start_timestep: int | None = None,
         num_train_timesteps: int = 1000,
         schedule: str = SCHEDULE,
         schedule_args: Mapping[str, Any] | None = None,
@@ -157,6 +167,7 @@ class DDPMSRInferer(Inferer):
         num_samples: int = 1,
         seed: int = 0,
         amp: bool = False,
+        channels_last: bool = False,
         upsample_mode: str = "cubic",
         sw_device: torch.device | str | None = None,
         progress: bool = True,
@@ -174,26 +185,37 @@ class DDPMSRInferer(Inferer):
         self.blend_mode, self.sigma_scale = blend_mode, sigma_scale
         self.sampler, self.num_steps, self.eta = sampler, int(num_steps), float(eta)
         self.timestep_spacing = timestep_spacing
+        self.start_timestep = None if start_timestep is None else int(start_timestep)
         self.num_train_timesteps, self.schedule = int(num_train_timesteps), schedule
         self.schedule_args = dict(schedule_args or {})
         self.clip_sample = as_flag(clip_sample)
         self.num_samples, self.seed = int(num_samples), int(seed)
         self.amp, self.sw_device, self.progress = as_flag(amp), sw_device, as_flag(progress)
+        self.channels_last = as_flag(channels_last)
         self.upsample = GridUpsample(self.scale_factor, upsample_mode)
         self.scheduler()  # refuse bad schedule settings now, not after the first volume is loaded
 
     def scheduler(self) -> Scheduler:
         """A fresh sampling scheduler with its timesteps set (MONAI's DDPM, or the aligned DDIM)."""
         if self.sampler == "ddpm":
-            return ddpm_scheduler(self.num_train_timesteps, self.schedule, clip_sample=self.clip_sample,
-                                  **self.schedule_args)
+            scheduler = ddpm_scheduler(self.num_train_timesteps, self.schedule, clip_sample=self.clip_sample,
+                                       **self.schedule_args)
+            if self.start_timestep is not None:
+                if not 0 <= self.start_timestep < self.num_train_timesteps:
+                    raise ValueError(f"start_timestep must be in [0, {self.num_train_timesteps - 1}], "
+                                     f"got {self.start_timestep}")
+                scheduler.timesteps = scheduler.timesteps[scheduler.timesteps <= self.start_timestep]
+            return scheduler
         return ddim_scheduler(self.num_train_timesteps, self.num_steps, self.schedule, self.timestep_spacing,
-                              clip_sample=self.clip_sample, **self.schedule_args)
+                              clip_sample=self.clip_sample, start_timestep=self.start_timestep,
+                              **self.schedule_args)
 
     @property
     def num_evaluations(self) -> int:
-        """Whole-volume network evaluations per sample (NFE): T for "ddpm", ``num_steps`` for "ddim"."""
-        return self.num_train_timesteps if self.sampler == "ddpm" else self.num_steps
+        """Whole-volume network evaluations per sample (NFE): T (or t0 + 1) for "ddpm", ``num_steps`` for "ddim"."""
+        if self.sampler == "ddim":
+            return self.num_steps
+        return self.num_train_timesteps if self.start_timestep is None else self.start_timestep + 1
 
     def hr_shape(self, lr_spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """The HR grid of an LR volume of spatial size ``lr_spatial_shape``."""
@@ -221,7 +243,8 @@ class DDPMSRInferer(Inferer):
         """``network(cat[x_t, cond], t) -> ε`` evaluated over whole volumes on Gaussian-blended windows."""
         return WindowedDenoiser(
             ConcatEpsilon(network), self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap,
-            mode=self.blend_mode, sigma_scale=self.sigma_scale, autocast_bf16=self.amp, sw_device=self.sw_device,
+            mode=self.blend_mode, sigma_scale=self.sigma_scale, autocast_bf16=self.amp,
+            channels_last=self.channels_last, sw_device=self.sw_device,
         )
 
     def sample(
@@ -238,6 +261,8 @@ class DDPMSRInferer(Inferer):
         """
         scheduler, eps = self.scheduler(), self.windowed(network)
         x = torch.randn(cond[:, :1].shape, generator=generator, device=cond.device, dtype=torch.float32)
+        if self.start_timestep is not None:  # CCDF: the conditioning diffused forward to the first timestep
+            x = scheduler.add_noise(cond[:, :1].float(), x, scheduler.timesteps[:1].to(cond.device))
         step_kw = {"eta": self.eta} if self.sampler == "ddim" else {}
         progress = _Progress(self.progress, label, len(scheduler.timesteps))
         for i, t in enumerate(scheduler.timesteps):
@@ -266,6 +291,7 @@ class DDPMSRInferer(Inferer):
 
     def __repr__(self) -> str:
         steps = f"num_steps={self.num_steps}, eta={self.eta}, " if self.sampler == "ddim" else ""
+        steps += "" if self.start_timestep is None else f"start_timestep={self.start_timestep}, "
         return (
             f"{type(self).__name__}(scale_factor={self.scale_factor}, roi_size={self.roi_size}, "
             f"overlap={self.overlap}, sampler={self.sampler!r}, {steps}"

@@ -40,6 +40,9 @@ from common.utils import as_flag
 
 __all__ = ["window_slices", "WindowedDenoiser"]
 
+# memory format of a channels-last window batch, by tensor rank (B, C, *spatial)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
 
 Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -109,6 +112,10 @@ class WindowedDenoiser(nn.Module):
             for images in [-1, 1]).
         autocast_bf16: run the wrapped denoiser under bf16 autocast (1.2-1.9x faster on these CPUs); its output is
             cast back to the input's dtype before blending.
+        channels_last: hand the windows to the denoiser channels-last (``torch.channels_last_3d`` for 3D windows,
+            ``torch.channels_last`` for 2D): oneDNN then runs the convolutions in that layout, 1.2-1.3x faster for
+            the 3D U-Nets here at 8 windows of 16×32×32 in bf16 (docs/performance.md); the same values up to the
+            float rounding of another summation order.
         sw_device: device the windows (and the network) run on; None: the input's. The result stays on the
             input's device.
         progress: show a tqdm bar over window batches.
@@ -126,6 +133,7 @@ class WindowedDenoiser(nn.Module):
         padding_mode: str = "reflect",
         cval: float = 0.0,
         autocast_bf16: bool = False,
+        channels_last: bool = False,
         sw_device: torch.device | str | None = None,
         progress: bool = False,
     ) -> None:
@@ -142,6 +150,7 @@ class WindowedDenoiser(nn.Module):
         self.padding_mode = padding_mode
         self.cval = float(cval)
         self.autocast_bf16 = as_flag(autocast_bf16)
+        self.channels_last = as_flag(channels_last)
         self.sw_device = sw_device
         self.progress = as_flag(progress)
 
@@ -155,6 +164,10 @@ class WindowedDenoiser(nn.Module):
 
     def _call_denoiser(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
         """The wrapped denoiser, under bf16 autocast when configured, returning ``x``'s dtype."""
+        memory_format = _CHANNELS_LAST.get(x.ndim) if self.channels_last else None
+        if memory_format is not None:  # the first convolution's input decides the layout of the whole network
+            x = x.contiguous(memory_format=memory_format)
+            cond = None if cond is None else cond.contiguous(memory_format=memory_format)
         if self.autocast_bf16:
             with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
                 out = self.denoiser(x, sigma, cond)
@@ -233,5 +246,5 @@ class WindowedDenoiser(nn.Module):
         return (
             f"roi_size={self.roi_size}, sw_batch_size={self.sw_batch_size}, overlap={self.overlap}, "
             f"mode={self.mode!r}, sigma_scale={self.sigma_scale}, pad_to_roi={self.pad_to_roi}, "
-            f"padding_mode={self.padding_mode!r}, autocast_bf16={self.autocast_bf16}"
+            f"padding_mode={self.padding_mode!r}, autocast_bf16={self.autocast_bf16}, channels_last={self.channels_last}"
         )

@@ -155,6 +155,29 @@ def test_ddim_timesteps_and_previous_timesteps_chain(spacing, n):
         sched.previous_timestep(1000)
 
 
+@pytest.mark.parametrize("t0, n", [(99, 1), (99, 4), (299, 3), (0, 1), (49, 50), (998, 10)])
+def test_ddim_start_timestep_spaces_the_steps_over_zero_to_t0(t0, n):
+    """CCDF grid: N "trailing" steps over [0, t0] (stride (t0 + 1)/N), the first at t0, the last straight to x̂0."""
+    sched = ddim_scheduler(1000, n, start_timestep=t0)
+    ts = [int(t) for t in sched.timesteps]
+    assert len(ts) == n == len(set(ts)) and ts[0] == t0 and all(a > b for a, b in zip(ts, ts[1:]))
+    assert ts[-1] == round((t0 + 1) / n) - 1 and [sched.previous_timestep(t) for t in ts] == ts[1:] + [-1]
+    assert ddim_scheduler(1000, n, start_timestep=999).timesteps.tolist() == ddim_scheduler(1000, n).timesteps.tolist()
+    # constructed directly, as MONAI's: every timestep up to t0 until set_timesteps
+    assert AlignedDDIMScheduler(1000, start_timestep=t0).timesteps.tolist() == list(range(t0, -1, -1))
+
+
+def test_ddim_start_timestep_refusals():
+    with pytest.raises(ValueError, match="num_inference_steps must be in \\[1, 100\\]"):
+        ddim_scheduler(1000, 101, start_timestep=99)  # more steps than timesteps up to t0
+    with pytest.raises(ValueError, match="start_timestep must be in"):
+        ddim_scheduler(1000, 1, start_timestep=1000)
+    with pytest.raises(ValueError, match="start_timestep must be in"):
+        ddim_scheduler(1000, 1, start_timestep=-1)
+    with pytest.raises(ValueError, match="trailing"):
+        ddim_scheduler(1000, 2, timestep_spacing="linspace", start_timestep=99)
+
+
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
 @pytest.mark.parametrize("n", [1000, 50, 7, 1])
 def test_ddim_with_an_eps_oracle_recovers_x0(spacing, n):

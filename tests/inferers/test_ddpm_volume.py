@@ -95,6 +95,12 @@ def test_bad_arguments_are_refused():
         DDPMSRInferer(num_steps=2000)  # more steps than the model was trained with
     with pytest.raises(ValueError, match="timestep_spacing"):
         DDPMSRInferer(timestep_spacing="leading")
+    with pytest.raises(ValueError, match="start_timestep must be in"):
+        DDPMSRInferer(sampler="ddpm", num_train_timesteps=20, start_timestep=20)
+    with pytest.raises(ValueError, match="start_timestep must be in"):
+        DDPMSRInferer(start_timestep=1000)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        DDPMSRInferer(num_steps=10, start_timestep=4)
     with pytest.raises(ValueError, match="expected LR volumes"):
         DDPMSRInferer(progress=False)(torch.rand(1, 2, 4, 4, 4), Pointwise())
 
@@ -103,15 +109,17 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.parametrize(
-    "sampler, steps, big_t", [("ddim", 50, 1000), ("ddim", 4, 1000), ("ddim", 1000, 1000), ("ddpm", 0, 20)]
+    "sampler, steps, big_t, t0",
+    [("ddim", 50, 1000, None), ("ddim", 4, 1000, None), ("ddim", 1000, 1000, None), ("ddpm", 0, 20, None),
+     ("ddim", 1, 1000, 99), ("ddim", 3, 1000, 299), ("ddpm", 0, 20, 5)],
 )
-def test_an_eps_oracle_returns_x0_through_the_windows(sampler, steps, big_t):
+def test_an_eps_oracle_returns_x0_through_the_windows(sampler, steps, big_t, t0):
     """With ε consistent with x0 = the upsampled LR, every step's x̂0 is x0 and the trajectory ends there (DDPM:
-    the last posterior mean, at t = 1, is x̂0 itself)."""
+    the last posterior mean, at t = 1, is x̂0 itself), from pure noise or from a CCDF start at t0."""
     lr = smooth_lr((4, 6, 6))
     net = OracleEps(big_t)
     inferer = DDPMSRInferer((1, 2, 2), roi_size=(4, 8, 8), sw_batch_size=3, sampler=sampler, num_steps=steps,
-                            num_train_timesteps=big_t, progress=False)
+                            start_timestep=t0, num_train_timesteps=big_t, progress=False)
     out = inferer(lr, net)
     expected = (inferer.condition(lr) + 1) / 2
     assert expected.min() > 0 and expected.max() < 1  # no clipping involved
@@ -145,6 +153,31 @@ def test_windowed_equals_whole_volume_for_a_pointwise_network(sampler, overlap):
     torch.testing.assert_close(out_u, ((x + 1) / 2).clamp(0, 1), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("sampler, t0, steps", [("ddim", 9, 3), ("ddim", 4, 1), ("ddpm", 6, 0)])
+def test_start_timestep_starts_from_the_conditioning_diffused_forward(sampler, t0, steps):
+    """CCDF: x_t0 = √ᾱ_t0·cond + √(1 − ᾱ_t0)·z with the generator's first draw, then the scheduler's steps from t0."""
+    lr = torch.rand(1, 1, 5, 4, 6)
+    kw = dict(sampler=sampler, eta=1.0, num_steps=steps, num_train_timesteps=20, start_timestep=t0, seed=3,
+              progress=False)
+    net = Pointwise()
+    inferer = DDPMSRInferer(roi_size=-1, **kw)
+    out = inferer(lr, net)
+    assert inferer.num_evaluations == len(net.calls) == (steps if sampler == "ddim" else t0 + 1)
+    g = torch.Generator().manual_seed(3)
+    cond = inferer.condition(lr)
+    sched = ddpm_scheduler(20) if sampler == "ddpm" else ddim_scheduler(20, steps, start_timestep=t0)
+    a0 = sched.alphas_cumprod[t0]
+    x = a0.sqrt() * cond + (1 - a0).sqrt() * torch.randn(cond.shape, generator=g)
+    timesteps = [t for t in sched.timesteps if int(t) <= t0]
+    assert int(timesteps[0]) == t0 and len(timesteps) == inferer.num_evaluations
+    for t in timesteps:
+        eps = Pointwise()(torch.cat([x, cond], 1), t.reshape(1))
+        x, _ = sched.step(eps, t, x, generator=g, **({"eta": 1.0} if sampler == "ddim" else {}))
+    torch.testing.assert_close(out, ((x + 1) / 2).clamp(0, 1), atol=1e-6, rtol=0)
+    # and it is not the trajectory from pure noise
+    assert (out - DDPMSRInferer(roi_size=-1, **{**kw, "start_timestep": None})(lr, Pointwise())).abs().max() > 1e-2
+
+
 # ----------------------------------------------------------------------------------------------- K samples
 
 
@@ -170,13 +203,17 @@ def test_num_samples_gives_mean_and_std_of_consecutive_draws():
 # --------------------------------------------------------------------------------------------- call counts
 
 
-@pytest.mark.parametrize("sampler, steps, nfe", [("ddim", 7, 7), ("ddim", 1, 1), ("ddpm", 3, 12)])
+@pytest.mark.parametrize(
+    "sampler, steps, t0, nfe", [("ddim", 7, None, 7), ("ddim", 1, None, 1), ("ddpm", 3, None, 12), ("ddim", 2, 5, 2),
+                                ("ddpm", 3, 5, 6)]
+)
 @pytest.mark.parametrize("num_samples", [1, 2])
-def test_call_counting(sampler, steps, nfe, num_samples):
+def test_call_counting(sampler, steps, t0, nfe, num_samples):
     lr_shape = (6, 6, 6)
     net = OracleEps(12)
     inferer = DDPMSRInferer((1, 2, 2), roi_size=(4, 8, 8), sw_batch_size=3, overlap=0.25, sampler=sampler,
-                            num_steps=steps, num_train_timesteps=12, num_samples=num_samples, progress=False)
+                            num_steps=steps, start_timestep=t0, num_train_timesteps=12, num_samples=num_samples,
+                            progress=False)
     inferer(torch.rand(1, 1, *lr_shape), net)
     n_windows = len(window_slices((6, 12, 12), (4, 8, 8), 0.25))
     assert inferer.num_evaluations == nfe and inferer.num_windows(lr_shape) == n_windows > 3
@@ -191,7 +228,7 @@ def test_call_counting(sampler, steps, nfe, num_samples):
             seen.append(ts[0])
     assert seen == [int(t) for t in inferer.scheduler().timesteps]
     if sampler == "ddpm":
-        assert seen == list(range(11, -1, -1))
+        assert seen == list(range(11 if t0 is None else t0, -1, -1))
 
 
 # ------------------------------------------------------------------------------------ DiffusionModelUNet
