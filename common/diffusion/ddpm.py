@@ -84,6 +84,11 @@ def cosine_clipped_schedule(
     return 1 - alphas, alphas, torch.cumprod(alphas.double(), 0).float()
 
 
+def _check_start_timestep(start_timestep: int, num_train_timesteps: int) -> None:
+    if not 0 <= int(start_timestep) < int(num_train_timesteps):
+        raise ValueError(f"start_timestep must be in [0, {int(num_train_timesteps) - 1}], got {start_timestep}")
+
+
 def _alpha_bar_prev(scheduler: DDPMScheduler | DDIMScheduler, timestep: int) -> Tensor:
     return scheduler.alphas_cumprod[timestep - 1] if timestep > 0 else torch.ones((), dtype=scheduler.betas.dtype)
 
@@ -141,8 +146,7 @@ class AlignedDDIMScheduler(DDIMScheduler):
         if start_timestep is not None:
             if timestep_spacing != "trailing":
                 raise ValueError("start_timestep needs timestep_spacing='trailing'")
-            if not 0 <= int(start_timestep) < int(num_train_timesteps):
-                raise ValueError(f"start_timestep must be in [0, {int(num_train_timesteps) - 1}], got {start_timestep}")
+            _check_start_timestep(start_timestep, num_train_timesteps)
         # read by set_timesteps, which MONAI's __init__ calls with N = T (every timestep)
         self.timestep_spacing, self.start_timestep = timestep_spacing, None
         super().__init__(num_train_timesteps, schedule, **kwargs)
@@ -226,6 +230,7 @@ def ddpm_scheduler(
     variance_type: str = "fixed_small",
     clip_sample: bool = True,
     prediction_type: str = "epsilon",
+    start_timestep: int | None = None,
     **schedule_args,
 ) -> DDPMScheduler:
     """MONAI's DDPM scheduler on the seed's schedule: the training noiser (``add_noise``) and the ancestral sampler.
@@ -236,10 +241,15 @@ def ddpm_scheduler(
         variance_type: "fixed_small" (β̃_t, the seed's posterior variance) or "fixed_large" (β_t).
         clip_sample: clip x̂0 to [-1, 1] in each step (images live in [-1, 1]).
         prediction_type: "epsilon" (the seed's), "sample" or "v_prediction".
+        start_timestep: keep only the timesteps t0 … 0 (a trajectory started at t0; None: all T).
         schedule_args: the schedule's arguments (``s``, ``max_beta``).
     """
-    return DDPMScheduler(num_train_timesteps, schedule, variance_type=variance_type, clip_sample=clip_sample,
-                         prediction_type=prediction_type, **schedule_args)
+    scheduler = DDPMScheduler(num_train_timesteps, schedule, variance_type=variance_type, clip_sample=clip_sample,
+                              prediction_type=prediction_type, **schedule_args)
+    if start_timestep is not None:
+        _check_start_timestep(start_timestep, num_train_timesteps)
+        scheduler.timesteps = scheduler.timesteps[scheduler.timesteps <= int(start_timestep)]
+    return scheduler
 
 
 def ddim_scheduler(

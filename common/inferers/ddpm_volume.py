@@ -198,14 +198,8 @@ class DDPMSRInferer(Inferer):
     def scheduler(self) -> Scheduler:
         """A fresh sampling scheduler with its timesteps set (MONAI's DDPM, or the aligned DDIM)."""
         if self.sampler == "ddpm":
-            scheduler = ddpm_scheduler(self.num_train_timesteps, self.schedule, clip_sample=self.clip_sample,
-                                       **self.schedule_args)
-            if self.start_timestep is not None:
-                if not 0 <= self.start_timestep < self.num_train_timesteps:
-                    raise ValueError(f"start_timestep must be in [0, {self.num_train_timesteps - 1}], "
-                                     f"got {self.start_timestep}")
-                scheduler.timesteps = scheduler.timesteps[scheduler.timesteps <= self.start_timestep]
-            return scheduler
+            return ddpm_scheduler(self.num_train_timesteps, self.schedule, clip_sample=self.clip_sample,
+                                  start_timestep=self.start_timestep, **self.schedule_args)
         return ddim_scheduler(self.num_train_timesteps, self.num_steps, self.schedule, self.timestep_spacing,
                               clip_sample=self.clip_sample, start_timestep=self.start_timestep,
                               **self.schedule_args)

@@ -113,9 +113,9 @@ class WindowedDenoiser(nn.Module):
         autocast_bf16: run the wrapped denoiser under bf16 autocast (1.2-1.9x faster on these CPUs); its output is
             cast back to the input's dtype before blending.
         channels_last: hand the windows to the denoiser channels-last (``torch.channels_last_3d`` for 3D windows,
-            ``torch.channels_last`` for 2D): oneDNN then runs the convolutions in that layout, 1.2-1.3x faster for
-            the 3D U-Nets here at 8 windows of 16×32×32 in bf16 (docs/performance.md); the same values up to the
-            float rounding of another summation order.
+            ``torch.channels_last`` for 2D): oneDNN then runs the convolutions in that layout, 1.07-1.26x faster per
+            slab for the two 3D bundles on this CPU (docs/performance.md); the same values up to the float
+            rounding of another summation order.
         sw_device: device the windows (and the network) run on; None: the input's. The result stays on the
             input's device.
         progress: show a tqdm bar over window batches.
