@@ -246,5 +246,6 @@ class WindowedDenoiser(nn.Module):
         return (
             f"roi_size={self.roi_size}, sw_batch_size={self.sw_batch_size}, overlap={self.overlap}, "
             f"mode={self.mode!r}, sigma_scale={self.sigma_scale}, pad_to_roi={self.pad_to_roi}, "
-            f"padding_mode={self.padding_mode!r}, autocast_bf16={self.autocast_bf16}, channels_last={self.channels_last}"
+            f"padding_mode={self.padding_mode!r}, autocast_bf16={self.autocast_bf16}, "
+            f"channels_last={self.channels_last}"
         )
