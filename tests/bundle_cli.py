@@ -52,6 +52,13 @@ def overrides(bundle: Path, section: str = "inference") -> list[str]:
     return args
 
 
+def sr_outputs(bundle: Path, stem: str) -> list[str]:
+    """The files the inference command writes for input ``stem`` at the bundle's default ``num_samples``: the SR
+    volume, plus the per-voxel standard deviation when the default averages several samples."""
+    samples = json.loads((bundle / "configs" / "inference.json").read_text()).get("num_samples", 1)
+    return [f"{stem}_sr.nii.gz"] + ([f"{stem}_sr_std.nii.gz"] if int(samples) > 1 else [])
+
+
 def fov_corners(affine: np.ndarray, shape) -> np.ndarray:
     """World positions of the outer corners of the field of view (voxel edges, not centres)."""
     lo = affine @ np.array([-0.5, -0.5, -0.5, 1.0])

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from bundle_cli import (
-    BUNDLES, IDS, LEARNED, LEARNED_IDS, bundle_cli, fov_corners, infer, ok, overrides, train_args,
+    BUNDLES, IDS, LEARNED, LEARNED_IDS, bundle_cli, fov_corners, infer, ok, overrides, sr_outputs, train_args,
 )
 from input_cases import BAD, GOOD, write_duplicate_stems
 
@@ -99,7 +99,8 @@ def test_folder_with_bad_files(bundle, mixed_folder, tmp_path):
         assert len(mine) == 1 and problem in mine[0], (path, mine)
     assert f"failed: {len(bad)} of {len(bad) + len(good)} inputs" in proc.stderr
     written = sorted(p.name for p in out_dir.iterdir())
-    assert written == sorted(f"{p.name.split('.')[0]}_sr.nii.gz" for p in good)  # nothing partial, nothing hidden
+    # nothing partial, nothing hidden
+    assert written == sorted(name for p in good for name in sr_outputs(bundle, p.name.split(".")[0]))
     for path in good:
         src, out = nib.load(str(path)), nib.load(str(out_dir / f"{path.name.split('.')[0]}_sr.nii.gz"))
         src_shape = src.shape[:3]

@@ -27,6 +27,8 @@ class DDPMPrepareBatch(DiffusionPrepareBatch):
 
     Args:
         num_train_timesteps: T of the schedule; timesteps are drawn uniformly from {0, …, T − 1}.
+        max_timestep: draw from {0, …, max_timestep} instead: trains only the part of the chain that a sampler
+            starting at ``start_timestep`` ≤ ``max_timestep`` (a CCDF start) evaluates. None: the whole chain.
         image_key: key of the conditioning images (the LR upsampled onto the HR grid), [0, 1].
         label_key: key of the HR images, [0, 1].
         signed: map both from [0, 1] to [-1, 1].
@@ -36,12 +38,16 @@ class DDPMPrepareBatch(DiffusionPrepareBatch):
     def __init__(
         self,
         num_train_timesteps: int = 1000,
+        max_timestep: int | None = None,
         image_key: str = "image_up",
         label_key: str = "label",
         signed: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(int(num_train_timesteps), condition_name=image_key)
+        if max_timestep is not None and not 0 <= int(max_timestep) < self.num_train_timesteps:
+            raise ValueError(f"max_timestep must be in [0, {self.num_train_timesteps - 1}], got {max_timestep}")
+        self.max_timestep = self.num_train_timesteps - 1 if max_timestep is None else int(max_timestep)
         self.image_key, self.label_key, self.signed, self.generator = image_key, label_key, signed, generator
 
     def get_noise(self, images: Tensor) -> Tensor:
@@ -49,8 +55,8 @@ class DDPMPrepareBatch(DiffusionPrepareBatch):
         return torch.randn(images.shape, generator=self.generator, device=images.device, dtype=images.dtype)
 
     def get_timesteps(self, images: Tensor) -> Tensor:
-        """One timestep per item, uniform on {0, …, T − 1}, from ``generator``."""
-        return torch.randint(0, self.num_train_timesteps, (images.shape[0],), generator=self.generator,
+        """One timestep per item, uniform on {0, …, ``max_timestep``} (T − 1 by default), from ``generator``."""
+        return torch.randint(0, self.max_timestep + 1, (images.shape[0],), generator=self.generator,
                              device=images.device).long()
 
     def __call__(

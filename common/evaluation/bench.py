@@ -17,7 +17,8 @@ meets its zero background) and the interior.
 
 What a user waits for (issue 18), with one command (slow: every bundle's command runs once per volume)::
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python -m common.evaluation.bench --bundles ... \\
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \\
+        python -m common.evaluation.bench --bundles ... \\
         --data ../shared/data/mri --pad_to 256 256 256 --threads 2 --flops --peak --command_time
 
 ``--command_time`` also runs each bundle's whole inference command (``python -m monai.bundle run``: start-up,
@@ -440,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"padded to: {args.pad_to or 'no'}; "
           f"volumes: {', '.join(nifti_stem(f) for f in files)}; torch threads: {torch.get_num_threads()}"
           + (f"; matmul peak GFLOP/s: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f}" if peak else "")
-          + (f"; allocator: {os.environ['LD_PRELOAD']}" if os.environ.get("LD_PRELOAD") else ""))
+          + (f"; allocator: {os.environ['LD_PRELOAD']}" if os.environ.get("LD_PRELOAD") else "")
+          + (f" with MALLOC_CONF={os.environ['MALLOC_CONF']}" if os.environ.get("MALLOC_CONF") else ""))
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

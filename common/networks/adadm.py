@@ -38,6 +38,26 @@ def same_conv(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int, zero
     return conv
 
 
+def _deviation(x: Tensor) -> Tensor:
+    """Per-sample standard deviation over all non-batch entries, in float32 (differentiable)."""
+    # float32: under bf16 autocast the sum of 10^5-10^6 squares loses the deviation's digits
+    return x.float().flatten(1).std(dim=1)
+
+
+def _deviation_no_grad(x: Tensor) -> Tensor:
+    """:func:`_deviation` from the sum and the sum of squares accumulated in float64, without copying ``x``.
+
+    Equal to :func:`_deviation` to float32 rounding (bf16/fp32 entries are exact in float64, and 10^7 of them keep
+    ~9 digits of the difference of the sums), and ~5x faster on CPU: no float32 copy, no layout change of a
+    channels-last ``x``, two vectorised reductions instead of Welford's (docs/performance.md).
+    """
+    dims = list(range(1, x.dim()))
+    n = x[0].numel()
+    total = x.sum(dim=dims, dtype=torch.float64)
+    squares = torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64).square()
+    return ((squares - total * total / n) / (n - 1)).clamp(min=0).sqrt().float()
+
+
 class AdaDM(nn.Module):
     """``forward(h, x) = h * exp(w * ln(std(x) + eps) + b)``, std per sample over all non-batch dims of ``x``.
 
@@ -61,8 +81,7 @@ class AdaDM(nn.Module):
             h: the residual branch's output.
             x: the block's input (its statistics only; any shape with the same batch size).
         """
-        # the statistic in float32: under bf16 autocast the sum of 10^5-10^6 squares loses the deviation's digits
-        std = x.float().flatten(1).std(dim=1)
+        std = _deviation(x) if torch.is_grad_enabled() and x.requires_grad else _deviation_no_grad(x)
         scale = torch.exp(self.weight * torch.log(std + self.eps) + self.bias)
         while scale.dim() < h.dim():
             scale = scale.unsqueeze(-1)

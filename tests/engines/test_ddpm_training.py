@@ -47,6 +47,19 @@ def test_timesteps_cover_the_schedule():
     assert set(t.tolist()) == set(range(10))
 
 
+def test_max_timestep_truncates_the_draws():
+    """A CCDF-start model trains only t ≤ max_timestep (every value of {0, …, max} drawn, none above)."""
+    prep = DDPMPrepareBatch(1000, max_timestep=7, generator=torch.Generator().manual_seed(0))
+    assert set(prep.get_timesteps(torch.zeros(2000, 1, 1, 1, 1)).tolist()) == set(range(8))
+    assert DDPMPrepareBatch(1000).max_timestep == 999  # default: the whole chain
+
+
+@pytest.mark.parametrize("max_timestep", [-1, 1000])
+def test_max_timestep_out_of_range_is_refused(max_timestep):
+    with pytest.raises(ValueError, match="max_timestep"):
+        DDPMPrepareBatch(1000, max_timestep=max_timestep)
+
+
 def test_trainer_loss_is_the_seed_epsilon_mse():
     """One SupervisedTrainer step: its loss is MSE(ε̂(cat[√ᾱ_t x0 + √(1−ᾱ_t) ε, cond], t), ε) (Ho et al. eq. 14)."""
     net, batch, scheduler = _unet(), _batch(b=2), ddpm_scheduler(1000, max_beta=0.3)

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from common.networks.adadm import AdaDM, AdaDMResBlock
+from common.networks.adadm import AdaDM, AdaDMResBlock, _deviation, _deviation_no_grad
 from network_helpers import randomize
 
 
@@ -53,6 +53,23 @@ def test_weight_and_bias_get_gradients():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().item() > 0
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0  # the statistic is differentiated too
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape, layout", [((2, 8, 9, 7), torch.channels_last), ((2, 4, 5, 6, 3), torch.channels_last_3d)]
+)
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_inference_deviation_equals_the_differentiable_one(dtype, shape, layout, offset):
+    """Without autograd the deviation comes from float64 sums (no copy of x): the same float32 value, whatever the
+    layout, dtype or mean (a mean 100x the deviation, where float32 sums of squares would cancel)."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + offset).to(dtype)
+    for x_in in (x, x.contiguous(memory_format=layout)):
+        torch.testing.assert_close(_deviation_no_grad(x_in), _deviation(x), rtol=1e-6, atol=0)
+    m = AdaDM()
+    h = torch.randn(shape)
+    with torch.no_grad():
+        fast = m(h, x)
+    torch.testing.assert_close(fast, m(h, x.detach().clone().requires_grad_()), rtol=1e-6, atol=0)
 
 def test_constant_input_stays_finite():
     """An empty (constant) slice: σ = 0, the eps keeps the log finite and the gradients are not NaN."""

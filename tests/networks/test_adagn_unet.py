@@ -111,6 +111,31 @@ def test_ada_group_norm_modulation():
         torch.testing.assert_close(norm(x, cond), 2 * torch.nn.functional.group_norm(x, 1) + 0.5)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ada_group_norm_equals_the_formula(spatial_dims, channels_last):
+    """GN + one addcmul is GN(x) * (1 + scale) + shift per sample, in value and in gradient, contiguous or
+    channels-last (the layout is kept)."""
+    torch.manual_seed(0)
+    norm = AdaGroupNorm(8, cond_channels=4, spatial_dims=spatial_dims)
+    torch.nn.init.normal_(norm.linear.weight)
+    shape = (3, 8, 5, 6) if spatial_dims == 2 else (3, 8, 3, 4, 5)
+    x, cond = torch.randn(shape) * 2 + 1, torch.randn(3, 4)  # a different modulation per sample
+    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    if channels_last:
+        x = x.contiguous(memory_format=layout)
+    x.requires_grad_()
+    out = norm(x, cond)
+    assert out.is_contiguous(memory_format=layout) == channels_last
+    scale, shift = norm.linear(cond).reshape(3, 16, *[1] * spatial_dims).chunk(2, dim=1)
+    x_ref = x.detach().clone().contiguous().requires_grad_()
+    ref = torch.nn.functional.group_norm(x_ref, norm.groups, eps=norm.eps) * (1 + scale) + shift
+    torch.testing.assert_close(out, ref)
+    weights = torch.randn(shape)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
 def test_fourier_features():
     torch.manual_seed(0)
     ff = FourierFeatures(16)
