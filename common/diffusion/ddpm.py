@@ -47,6 +47,7 @@ __all__ = [
     "TIMESTEP_SPACINGS",
     "cosine_clipped_schedule",
     "posterior_mean_variance",
+    "check_timestep",
     "AlignedDDIMScheduler",
     "ddpm_scheduler",
     "ddim_scheduler",
@@ -84,9 +85,11 @@ def cosine_clipped_schedule(
     return 1 - alphas, alphas, torch.cumprod(alphas.double(), 0).float()
 
 
-def _check_start_timestep(start_timestep: int, num_train_timesteps: int) -> None:
-    if not 0 <= int(start_timestep) < int(num_train_timesteps):
-        raise ValueError(f"start_timestep must be in [0, {int(num_train_timesteps) - 1}], got {start_timestep}")
+def check_timestep(name: str, timestep: int, num_train_timesteps: int) -> int:
+    """``timestep`` as an int, refused with a ValueError naming ``name`` unless it is in [0, T − 1]."""
+    if not 0 <= int(timestep) < int(num_train_timesteps):
+        raise ValueError(f"{name} must be in [0, {int(num_train_timesteps) - 1}], got {timestep}")
+    return int(timestep)
 
 
 def _alpha_bar_prev(scheduler: DDPMScheduler | DDIMScheduler, timestep: int) -> Tensor:
@@ -146,7 +149,7 @@ class AlignedDDIMScheduler(DDIMScheduler):
         if start_timestep is not None:
             if timestep_spacing != "trailing":
                 raise ValueError("start_timestep needs timestep_spacing='trailing'")
-            _check_start_timestep(start_timestep, num_train_timesteps)
+            check_timestep("start_timestep", start_timestep, num_train_timesteps)
         # read by set_timesteps, which MONAI's __init__ calls with N = T (every timestep)
         self.timestep_spacing, self.start_timestep = timestep_spacing, None
         super().__init__(num_train_timesteps, schedule, **kwargs)
@@ -247,7 +250,7 @@ def ddpm_scheduler(
     scheduler = DDPMScheduler(num_train_timesteps, schedule, variance_type=variance_type, clip_sample=clip_sample,
                               prediction_type=prediction_type, **schedule_args)
     if start_timestep is not None:
-        _check_start_timestep(start_timestep, num_train_timesteps)
+        check_timestep("start_timestep", start_timestep, num_train_timesteps)
         scheduler.timesteps = scheduler.timesteps[scheduler.timesteps <= int(start_timestep)]
     return scheduler
 

@@ -17,6 +17,7 @@ import torch
 from monai.engines.utils import DiffusionPrepareBatch
 from torch import Tensor
 
+from common.diffusion.ddpm import check_timestep
 from common.engines.edm import batch_pair
 
 __all__ = ["DDPMPrepareBatch"]
@@ -45,9 +46,8 @@ class DDPMPrepareBatch(DiffusionPrepareBatch):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(int(num_train_timesteps), condition_name=image_key)
-        if max_timestep is not None and not 0 <= int(max_timestep) < self.num_train_timesteps:
-            raise ValueError(f"max_timestep must be in [0, {self.num_train_timesteps - 1}], got {max_timestep}")
-        self.max_timestep = self.num_train_timesteps - 1 if max_timestep is None else int(max_timestep)
+        self.max_timestep = (self.num_train_timesteps - 1 if max_timestep is None
+                             else check_timestep("max_timestep", max_timestep, self.num_train_timesteps))
         self.image_key, self.label_key, self.signed, self.generator = image_key, label_key, signed, generator
 
     def get_noise(self, images: Tensor) -> Tensor:

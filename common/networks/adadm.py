@@ -48,7 +48,7 @@ def _deviation_no_grad(x: Tensor) -> Tensor:
     """:func:`_deviation` from the sum and the sum of squares accumulated in float64, without copying ``x``.
 
     Equal to :func:`_deviation` to float32 rounding (bf16/fp32 entries are exact in float64, and 10^7 of them keep
-    ~9 digits of the difference of the sums), and ~5x faster on CPU: no float32 copy, no layout change of a
+    ~9 digits of the difference of the sums), and cheaper on CPU: no float32 copy, no layout change of a
     channels-last ``x``, two vectorised reductions instead of Welford's (docs/performance.md).
     """
     dims = list(range(1, x.dim()))
