@@ -233,12 +233,14 @@ def test_ddpm_paper_configuration_parameter_count():
 
 @pytest.mark.parametrize(
     "configs, expected",
-    [(("inference.json",), ("ddim", 1, 100)), (("inference.json", "paper.json"), ("ddpm", 1000, None)),
-     (("inference.json", "cascade.json"), ("ddim", 1, 100)), (("train.json", "evaluate.json"), ("ddim", 1, 100))],
+    [(("inference.json",), ("ddim", 1, 100, 2)), (("inference.json", "paper.json"), ("ddpm", 1000, None, 1)),
+     (("inference.json", "cascade.json"), ("ddim", 1, 100, 2)),
+     (("train.json", "evaluate.json"), ("ddim", 1, 100, 2))],
 )
 def test_ddpm_samplers_of_each_configuration(configs, expected):
-    """The CPU default is the CCDF start (1 DDIM step from the conditioning diffused to t0 = 100: the validation
-    choice on the card) wherever the bundle samples; paper.json keeps the seed's 1000 ancestral steps from noise."""
+    """The CPU default is the CCDF start (1 DDIM step from the conditioning diffused to t0 = 100) averaged over an
+    antithetic pair (the validation choice on the card) wherever the bundle samples, in the cascade per stage
+    (one chain); paper.json keeps one sample of the seed's 1000 ancestral steps from noise."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -246,8 +248,11 @@ def test_ddpm_samplers_of_each_configuration(configs, expected):
     parser["bundle_root"] = str(DDPM)
     key = {"cascade.json": "stage_inferer", "evaluate.json": "validate#inferer"}.get(configs[-1], "inferer")
     inferer = parser.get_parsed_content(key)
-    sampler, nfe, t0 = expected
+    sampler, nfe, t0, num_samples = expected
     assert (inferer.sampler, inferer.num_evaluations, inferer.start_timestep) == (sampler, nfe, t0)
+    assert (inferer.num_samples, inferer.antithetic) == (num_samples, True)
+    if configs[-1] == "cascade.json":
+        assert parser.get_parsed_content("inferer").num_samples == 1  # chains: --num_chains
     if t0 is not None:
         assert [int(t) for t in inferer.scheduler().timesteps] == [t0]
     assert inferer.channels_last

@@ -154,6 +154,24 @@ def test_windowed_sampling_equals_unwindowed_for_pointwise_denoiser(sampler, s_c
     torch.testing.assert_close(out_u, ((ref + 1) / 2).clamp(0, 1), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_start_from_condition_starts_at_the_conditioning_plus_sigma_max_noise(sampler):
+    """SDEdit/CCDF start: x_0 = cond + σ_max·z with the generator's first draw, then the same sampler."""
+    lr = torch.rand(1, 1, 4, 5, 6)
+    kw = dict(roi_size=-1, sampler=sampler, num_steps=3, sigma_max=0.5, seed=4, progress=False)
+    inferer = EDMVolumeInferer(start_from_condition=True, **kw)
+    out = inferer(lr, posterior_mean)
+    g = torch.Generator().manual_seed(4)
+    noise = make_noise(g)
+    cond = inferer.condition(lr)
+    ref = {"euler": sample_euler, "heun": sample_heun}[sampler](
+        posterior_mean, cond + 0.5 * noise(cond), get_sigmas_karras(3, 2e-3, 0.5), cond, noise=noise
+    )
+    torch.testing.assert_close(out, ((ref + 1) / 2).clamp(0, 1), atol=1e-6, rtol=0)
+    plain = EDMVolumeInferer(**kw)(lr, posterior_mean)  # from z alone: another trajectory
+    assert (out - plain).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("sampler, steps, nfe", [("euler", 1, 1), ("euler", 20, 20), ("heun", 4, 7), ("heun", 1, 1)])
 def test_number_of_function_evaluations(sampler, steps, nfe):
     rec = Recording()
@@ -341,10 +359,15 @@ def test_cpu_configuration_train_and_inference_agree():
     inferer = inf.get_parsed_content("inferer")
     assert isinstance(inferer, EDMVolumeInferer)
     assert list(inferer.roi_size) == hr_window(train["patch_size"], train["scale_factor"]) == [16, 32, 32]
-    # CPU default: 4 Euler steps (0.3.1, same validation quality as 20); paper.json keeps the paper's 20
-    assert (inferer.sampler, inferer.num_steps, inferer.sigma_max, inferer.sigma_min) == ("euler", 4, 5.0, 2e-3)
-    assert json.loads((BUNDLE / "configs" / "evaluate.json").read_text())["num_steps"] == 4
-    assert parse("inference.json", "paper.json")["num_steps"] == 20
+    # CPU default (0.4.0): 3 Euler steps on the first three noise levels of the 4-step grid (0.3.1's default, the
+    # same validation quality as 20), i.e. without its last evaluation at σ = 2e-3; paper.json keeps the paper's 20
+    four = get_sigmas_karras(4, 2e-3, 5.0, 7.0)
+    assert (inferer.sampler, inferer.num_steps) == ("euler", 3)
+    torch.testing.assert_close(inferer.sigmas()[:3], four[:3], atol=0, rtol=1e-3)  # σ_min 0.0774 = 0.077439 rounded
+    evaluation = parse("train.json", "evaluate.json").get_parsed_content("validate#inferer")
+    torch.testing.assert_close(evaluation.sigmas(), inferer.sigmas(), atol=0, rtol=0)
+    paper = parse("inference.json", "paper.json").get_parsed_content("inferer")
+    torch.testing.assert_close(paper.sigmas(), get_sigmas_karras(20, 2e-3, 5.0, 7.0), atol=0, rtol=0)
     # the shipped weights load into the configured network
     state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
     net_i.load_state_dict(state)
