@@ -34,7 +34,6 @@ volume's result depends only on the seed and the settings.
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -293,17 +292,15 @@ class DDPMSRInferer(Inferer):
         Returns:
             C = 1 (the sample) when ``num_samples`` is 1, else C = 2 (mean and standard deviation of the samples).
         """
-        draws, pair = itertools.count(), []
+        previous: list[Tensor] = []  # the field of sample k - 1, kept only for an antithetic odd k
 
-        def one(cond: Tensor, generator: torch.Generator, label: str) -> Tensor:
-            # sample_volumes draws k = 0 .. K-1 in order per volume; an antithetic odd k reuses k - 1's field negated
-            k = next(draws) % self.num_samples
+        def one(cond: Tensor, generator: torch.Generator, label: str, k: int) -> Tensor:
             if self.antithetic and k % 2 == 1:
-                noise = -pair.pop()
+                noise = -previous.pop()
             else:
                 noise = self.initial_noise(cond, generator)
                 if self.antithetic:
-                    pair[:] = [noise]
+                    previous[:] = [noise]
             return to_unit(self.sample(cond, network, generator, label, noise=noise))
 
         return sample_volumes(inputs, self.condition, one, self.num_samples, self.seed)

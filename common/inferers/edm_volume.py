@@ -214,7 +214,8 @@ class EDMVolumeInferer(Inferer):
             C = 1 (the sample) when ``num_samples`` is 1, else C = 2 (mean and standard deviation of the samples).
         """
         return sample_volumes(
-            inputs, self.condition, lambda cond, generator, label: to_unit(self.sample(cond, network, generator, label)),
+            inputs, self.condition,
+            lambda cond, generator, label, k: to_unit(self.sample(cond, network, generator, label)),
             self.num_samples, self.seed,
         )
 

@@ -109,7 +109,7 @@ def sample_mean_std(sample: Callable[[int], Tensor], num_samples: int = 1, unbia
 def sample_volumes(
     inputs: Tensor,
     condition: Callable[[Tensor], Tensor],
-    sample: Callable[[Tensor, torch.Generator, str], Tensor],
+    sample: Callable[[Tensor, torch.Generator, str, int], Tensor],
     num_samples: int = 1,
     seed: int = 0,
 ) -> Tensor:
@@ -120,8 +120,8 @@ def sample_volumes(
     Args:
         inputs: LR volumes, channel-first (a MetaTensor or tensor).
         condition: LR volume (1, 1, x, y, z) -> the sampler's conditioning.
-        sample: ``sample(cond, generator, label)`` -> one sample (1, 1, X, Y, Z) in [0, 1]; ``label`` names it in
-            progress lines.
+        sample: ``sample(cond, generator, label, k)`` -> the k-th sample (1, 1, X, Y, Z) in [0, 1] of a volume,
+            k = 0 .. K-1 in order, all from that volume's ``generator``; ``label`` names it in progress lines.
         num_samples: K.
         seed: the generators' seed.
 
@@ -138,7 +138,7 @@ def sample_volumes(
         name = f"volume {b + 1}/{x.shape[0]}" if x.shape[0] > 1 else "SR"
 
         def one(k: int, cond: Tensor = cond, generator: torch.Generator = generator, name: str = name) -> Tensor:
-            return sample(cond, generator, name if num_samples == 1 else f"{name} sample {k + 1}/{num_samples}")
+            return sample(cond, generator, name if num_samples == 1 else f"{name} sample {k + 1}/{num_samples}", k)
 
         outputs.append(sample_mean_std(one, num_samples))
     return torch.cat(outputs, dim=0)

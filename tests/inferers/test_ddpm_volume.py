@@ -228,7 +228,10 @@ def test_antithetic_pair_cancels_the_odd_part():
     antithetic pair returns the noise-free value (the conditioning) exactly, two independent draws do not."""
     lr = smooth_lr((4, 6, 6))
     kw = dict(roi_size=-1, num_steps=1, start_timestep=20, num_samples=2, clip_sample=False, progress=False)
-    eps_zero = lambda x_in, t: torch.zeros_like(x_in[:, :1])  # noqa: E731
+
+    def eps_zero(x_in, t):
+        return torch.zeros_like(x_in[:, :1])
+
     anti = DDPMSRInferer(antithetic=True, **kw)
     expected = (anti.condition(lr) + 1) / 2
     out = anti(lr, eps_zero)
