@@ -128,6 +128,37 @@ def test_evaluate(bundle, small_volume, tmp_path):
         assert json.loads((out_dir / f"{baseline}_per_subject.json").read_text())["mean"]["psnr_mask"] > 15
 
 
+# inference settings evaluate.json may leave out: the U-Net's covariates are one person's (evaluation leaves them
+# unknown for every person); progress lines are always on in evaluation
+EVALUATE_MAY_OMIT = {"covariates", "progress"}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=IDS)
+def test_evaluate_inferer_takes_the_inference_settings(bundle):
+    """evaluate.json's inferer takes every setting the inference inferer does, from a key of the same name with the
+    same default, so ``--num_steps 4`` evaluates what inference would run, never the class default."""
+    from monai.bundle import ConfigParser
+
+    configs = [bundle / "configs" / name for name in ("train.json", "evaluate.json")]
+    if not configs[-1].is_file():
+        pytest.skip("no evaluate.json")
+    evaluate, inference = ConfigParser(), ConfigParser()
+    evaluate.read_config([str(c) for c in configs if c.is_file()])
+    inference.read_config(str(bundle / "configs/inference.json"))
+    if "validate#inferer" not in evaluate:
+        pytest.skip("evaluate.json runs no network inferer")
+    validate, infer_ = evaluate["validate#inferer"], inference["inferer"]
+    assert validate["_target_"] == infer_["_target_"]
+    for key, value in infer_.items():
+        if key in EVALUATE_MAY_OMIT:
+            continue
+        assert validate.get(key) == value, f"validate#inferer {key}: {validate.get(key)!r}, inference: {value!r}"
+        if isinstance(value, str) and value.startswith("@"):
+            name = value[1:]
+            assert name in evaluate, f"evaluate.json refers to @{name}, which it does not define"
+            assert evaluate[name] == inference[name], f"{name}: {evaluate[name]!r} in evaluate, {inference[name]!r}"
+
+
 @pytest.mark.parametrize("bundle", LEARNED, ids=LEARNED_IDS)
 def test_multi_gpu_train_on_cpu(bundle, small_training_set, tmp_path):
     """multi_gpu_train.json on top of train.json, two processes with the gloo backend."""

@@ -180,6 +180,8 @@ class ScoreSRInferer(Inferer):
         fusion_levels: DWT levels of the fusion (2).
         wavelet: fusion wavelet ("bior4.4").
         order: 2 (Heun) or 1 (Euler) for "heun".
+        guidance_interval: "heun": the DPS update at every k-th step only, the last step always guided
+            (:func:`common.diffusion.guidance.sample_heun_dps`); 1 guides every step.
         s_churn: EDM ``S_churn`` for "heun" (0: deterministic given the start).
         max_correction_gain: "heun" with ``order`` 2: correct only the steps whose gain on the denoiser's error
             ``|Δσ|/(2σ_{i+1})`` is at most this, Euler steps elsewhere (see
@@ -219,6 +221,7 @@ class ScoreSRInferer(Inferer):
         fusion_levels: int = 2,
         wavelet: str = "bior4.4",
         order: int = 2,
+        guidance_interval: int = 1,
         s_churn: float = 0.0,
         max_correction_gain: float | None = None,
         slice_batch: int = 2,
@@ -248,6 +251,9 @@ class ScoreSRInferer(Inferer):
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.sigma_start = optional(sigma_start, lambda s: min(float(s), self.sigma_max))
         self.skip, self.snr, self.order, self.s_churn = int(skip), float(snr), int(order), float(s_churn)
+        self.guidance_interval = int(guidance_interval)
+        if self.guidance_interval < 1:
+            raise ValueError(f"guidance_interval must be >= 1, got {guidance_interval}")
         self.max_correction_gain = optional(max_correction_gain, float)
         self.fusion_levels, self.wavelet = int(fusion_levels), str(wavelet)
         self.slice_batch, self.num_samples, self.seed = int(slice_batch), int(num_samples), int(seed)
@@ -276,6 +282,7 @@ class ScoreSRInferer(Inferer):
             "scale_factor": list(self.scale_factor), "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
             "sigma_start": self.sigma_start,
             "max_correction_gain": self.max_correction_gain if self.sampler == "heun" else None,
+            "guidance_interval": self.guidance_interval if self.sampler == "heun" else None,
             "num_samples": self.num_samples, "seed": self.seed, "amp": self.amp,
         }
 
@@ -300,7 +307,8 @@ class ScoreSRInferer(Inferer):
         if self.sampler == "pc":
             return sample_srmri(score_fn, x, sigmas, y, self.operator, skip=self.skip, snr=self.snr, **common)
         return sample_heun_dps(score_fn, x, sigmas, y, self.operator, order=self.order, s_churn=self.s_churn,
-                               max_correction_gain=self.max_correction_gain, **common)
+                               max_correction_gain=self.max_correction_gain,
+                               guidance_interval=self.guidance_interval, **common)
 
     def content_box(self, y: Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
         """In-plane LR bounding box ``((r0, r1), (c0, c1))`` of the voxels >= ``empty_threshold`` of a slice batch

@@ -171,11 +171,14 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c = x.shape[0], x.shape[1]
-        qkv = self.qkv(self.norm(x)).flatten(2)  # (B, 3C, N)
-        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, qkv.shape[-1]).permute(1, 0, 2, 4, 3)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v)
-        y = y.transpose(2, 3).reshape(x.shape)
+        # Tokens (B, N, 3C), a view when x is channels-last, split so that q, k and v have unit stride along the head
+        # dim whatever x's layout: the fused kernels of scaled_dot_product_attention need it, and strided inputs
+        # take the math path, which materialises the N x N weights (a contiguous x did; a channels-last one did not).
+        qkv = self.qkv(self.norm(x)).movedim(1, -1).reshape(b, -1, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, N, heads, head_dim)
+        shape: list[int] = [b] + list(x.shape[2:]) + [c]
+        y = y.reshape(shape).movedim(-1, 1)  # back to (B, C, *spatial), channels-last in memory
         return x + self.proj(y)
 
 

@@ -182,6 +182,30 @@ def test_heun_dps_network_calls_and_consistency(order, n, expected):
         assert _residual(y, op, guided).mean() < _residual(y, op, unguided).mean()
 
 
+@pytest.mark.parametrize("interval, guided_steps", [(1, [0, 1, 2, 3, 4, 5]), (2, [1, 3, 5]), (4, [1, 5]), (9, [5])])
+def test_heun_dps_guidance_interval(interval, guided_steps):
+    """DPS (autograd through the network) at the last step and every k-th before it; plain evaluations elsewhere."""
+    x_true, y, op = _problem(batch=4)
+    sigmas = get_sigmas_karras(6, 2e-3, 10.0, dtype=torch.float64)
+    x = 10.0 * torch.randn(4, 1, SIZE, SIZE, generator=_gen(10), dtype=torch.float64)
+    grad_enabled = []
+
+    def model(x_, sigma):
+        grad_enabled.append(torch.is_grad_enabled())
+        return gaussian_score(x_, sigma)
+
+    stats = {}
+    out = sample_heun_dps(model, x, sigmas, y, op, zeta=1.0, order=1, guidance_interval=interval, stats=stats)
+    assert [i for i, g in enumerate(grad_enabled) if g] == guided_steps
+    assert stats["nfe"] == 6 and len(stats["residuals"]) == len(guided_steps)
+    unguided = sample_heun_dps(gaussian_score, x, sigmas, y, op, zeta=0.0, order=1)
+    torch.testing.assert_close(
+        sample_heun_dps(gaussian_score, x, sigmas, y, op, zeta=0.0, order=1, guidance_interval=interval), unguided)
+    assert _residual(y, op, out).mean() < _residual(y, op, unguided).mean()
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample_heun_dps(gaussian_score, x, sigmas, y, op, guidance_interval=0)
+
+
 def test_heun_dps_seeding_fusion_and_no_guidance_equals_plain_heun():
     from common.diffusion.samplers import sample_heun
     from common.diffusion.vesde import score_to_denoiser

@@ -358,7 +358,9 @@ def test_cpu_configuration_train_and_inference_agree():
     assert 1e6 < n_params(net_i) < 3e6
     inferer = inf.get_parsed_content("inferer")
     assert isinstance(inferer, EDMVolumeInferer)
-    assert list(inferer.roi_size) == hr_window(train["patch_size"], train["scale_factor"]) == [16, 32, 32]
+    # the window (0.5.0): the training window (LR patch x factor, 16x32x32) times roi_scale (1, 2, 2)
+    assert hr_window(train["patch_size"], train["scale_factor"]) == [16, 32, 32]
+    assert list(inferer.roi_size) == [16, 64, 64] and inf["roi_scale"] == [1, 2, 2]
     # CPU default (0.4.0): 3 Euler steps on the first three noise levels of the 4-step grid (0.3.1's default, the
     # same validation quality as 20), i.e. without its last evaluation at σ = 2e-3; paper.json keeps the paper's 20
     four = get_sigmas_karras(4, 2e-3, 5.0, 7.0)
@@ -366,6 +368,7 @@ def test_cpu_configuration_train_and_inference_agree():
     torch.testing.assert_close(inferer.sigmas()[:3], four[:3], atol=0, rtol=1e-3)  # σ_min 0.0774 = 0.077439 rounded
     evaluation = parse("train.json", "evaluate.json").get_parsed_content("validate#inferer")
     torch.testing.assert_close(evaluation.sigmas(), inferer.sigmas(), atol=0, rtol=0)
+    assert list(evaluation.roi_size) == [16, 64, 64]
     paper = parse("inference.json", "paper.json").get_parsed_content("inferer")
     torch.testing.assert_close(paper.sigmas(), get_sigmas_karras(20, 2e-3, 5.0, 7.0), atol=0, rtol=0)
     # the shipped weights load into the configured network
@@ -375,7 +378,7 @@ def test_cpu_configuration_train_and_inference_agree():
 
 def test_through_plane_scale_sets_the_window():
     inferer = parse("inference.json", scale_factor=[1, 1, 4]).get_parsed_content("inferer")
-    assert list(inferer.roi_size) == [16, 16, 64] and inferer.scale_factor == (1, 1, 4)
+    assert list(inferer.roi_size) == [16, 32, 128] and inferer.scale_factor == (1, 1, 4)  # 16x16x64 x roi_scale
 
 
 @pytest.mark.parametrize("config", ["inference.json", "train.json"])

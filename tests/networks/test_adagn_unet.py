@@ -136,6 +136,26 @@ def test_ada_group_norm_equals_the_formula(spatial_dims, channels_last):
     (ref * weights).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
 
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_block_equals_the_formula(spatial_dims, channels_last):
+    """x + proj(softmax(q kᵀ / sqrt(d)) v) per head, q, k, v the qkv conv's channels in (3, heads, head_dim) order
+    (the order of the shipped weights), whatever the input's layout."""
+    torch.manual_seed(0)
+    attn = AttentionBlock(16, spatial_dims=spatial_dims, head_dim=4)
+    torch.nn.init.normal_(attn.proj.weight)
+    shape = (2, 16, 5, 6) if spatial_dims == 2 else (2, 16, 3, 4, 5)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+    qkv = attn.qkv(attn.norm(x)).reshape(2, 3, 4, 4, -1)  # (B, q/k/v, heads, head_dim, N)
+    q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # (B, heads, N, head_dim)
+    y = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v
+    ref = x + attn.proj(y.transpose(-1, -2).reshape(shape))
+    torch.testing.assert_close(attn(x), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_fourier_features():
     torch.manual_seed(0)
     ff = FourierFeatures(16)
