@@ -334,3 +334,40 @@ def test_ddpm_degradations_and_cascade_stage_wiring(small_training_set):
     assert {tuple(item["label"].shape[1:]) for item in cache._cache} == {(full[0], full[1] // 2, full[2] // 2)}
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
     assert batch["label"].shape == (2, 1, 16, 32, 32) and batch["image_up"].shape == (2, 1, 16, 32, 32)
+
+
+EDM3D = REPO / "bundles" / "brain_mri_edm3d_super_resolution"
+
+
+def test_edm3d_distill_json_trains_a_student_from_the_shipped_weights(small_training_set, tmp_path):
+    """distill.json on top of train.json: the student starts from models/model.pt (the teacher), the stock trainer
+    changes it, and its weights, with the teacher's keys, are written to ``final_model_path``."""
+    import torch
+
+    configs = json.dumps([str(EDM3D / "configs/train.json"), str(EDM3D / "configs/distill.json")])
+    ckpt = tmp_path / "ckpt"
+    ok(bundle_cli("run", "--config_file", configs, *train_args(EDM3D, small_training_set, ckpt)))
+    student = torch.load(ckpt / "model.pt", weights_only=True)
+    teacher = torch.load(EDM3D / "models" / "model.pt", weights_only=True)
+    assert student.keys() == teacher.keys()
+    assert any(not torch.equal(student[key], teacher[key]) for key in teacher)
+
+
+@pytest.mark.parametrize("distilled, weights, num_steps, sigma_min",
+                         [(True, "model_2step.pt", 2, 0.1), (False, "model.pt", 3, 0.0774)])
+def test_edm3d_distilled_switch(distilled, weights, num_steps, sigma_min):
+    """``distilled`` picks the weights and the grid they are for together, in inference and in evaluation, and the
+    grids are the ones distill.json trains the student (and runs the teacher) with."""
+    from monai.bundle import ConfigParser
+
+    for configs, weights_key, inferer in ((("inference.json",), "model_path", "inferer"),
+                                          (("train.json", "evaluate.json"), "final_model_path", "validate#inferer")):
+        parser = ConfigParser()
+        parser.read_config([str(EDM3D / "configs" / c) for c in configs])
+        parser["bundle_root"], parser["distilled"] = str(EDM3D), distilled
+        assert parser.get_parsed_content(weights_key).endswith(f"/models/{weights}")
+        assert parser.get_parsed_content(f"{inferer}#num_steps") == num_steps
+        assert parser.get_parsed_content(f"{inferer}#sigma_min") == pytest.approx(sigma_min)
+    distill = json.loads((EDM3D / "configs" / "distill.json").read_text())
+    role = "student" if distilled else "teacher"
+    assert (distill[f"{role}_num_steps"], distill[f"{role}_sigma_min"]) == (num_steps, pytest.approx(sigma_min))

@@ -361,19 +361,24 @@ def test_cpu_configuration_train_and_inference_agree():
     # the window (0.5.0): the training window (LR patch x factor, 16x32x32) times roi_scale (1, 2, 2)
     assert hr_window(train["patch_size"], train["scale_factor"]) == [16, 32, 32]
     assert list(inferer.roi_size) == [16, 64, 64] and inf["roi_scale"] == [1, 2, 2]
-    # CPU default (0.4.0): 3 Euler steps on the first three noise levels of the 4-step grid (0.3.1's default, the
-    # same validation quality as 20), i.e. without its last evaluation at σ = 2e-3; paper.json keeps the paper's 20
+    # CPU default (0.6.0): the distilled student's 2 Euler steps, σ 5 and 0.1
+    assert (inferer.sampler, inferer.num_steps) == ("euler", 2)
+    torch.testing.assert_close(inferer.sigmas(), torch.tensor([5.0, 0.1, 0.0]), atol=0, rtol=1e-6)
+    # the general weights (0.4.0-0.5.0): 3 Euler steps on the first three noise levels of the 4-step grid (0.3.1's
+    # default, the same validation quality as 20), i.e. without its last evaluation at σ = 2e-3
+    general = parse("inference.json", distilled=False).get_parsed_content("inferer")
     four = get_sigmas_karras(4, 2e-3, 5.0, 7.0)
-    assert (inferer.sampler, inferer.num_steps) == ("euler", 3)
-    torch.testing.assert_close(inferer.sigmas()[:3], four[:3], atol=0, rtol=1e-3)  # σ_min 0.0774 = 0.077439 rounded
+    assert (general.sampler, general.num_steps) == ("euler", 3)
+    torch.testing.assert_close(general.sigmas()[:3], four[:3], atol=0, rtol=1e-3)  # σ_min 0.0774 = 0.077439 rounded
     evaluation = parse("train.json", "evaluate.json").get_parsed_content("validate#inferer")
     torch.testing.assert_close(evaluation.sigmas(), inferer.sigmas(), atol=0, rtol=0)
     assert list(evaluation.roi_size) == [16, 64, 64]
+    # paper.json keeps the paper's 20
     paper = parse("inference.json", "paper.json").get_parsed_content("inferer")
     torch.testing.assert_close(paper.sigmas(), get_sigmas_karras(20, 2e-3, 5.0, 7.0), atol=0, rtol=0)
-    # the shipped weights load into the configured network
-    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
-    net_i.load_state_dict(state)
+    # both shipped weights files load into the configured network
+    for name in ("model.pt", "model_2step.pt"):
+        net_i.load_state_dict(torch.load(BUNDLE / "models" / name, map_location="cpu", weights_only=True))
 
 
 def test_through_plane_scale_sets_the_window():
