@@ -66,6 +66,13 @@ def dps_eval(score_fn: ScoreFn, x: Tensor, sigma: float | Tensor, y: Tensor, ope
     return DPSEval(score.detach(), denoised.detach(), grad, residual.detach())
 
 
+def _denoised(score_fn: ScoreFn, x: Tensor, sigma: float) -> Tensor:
+    """Tweedie's ``x̂0(x)`` from one network evaluation without autograd (the unguided evaluations of the sampler)."""
+    with torch.no_grad():
+        sig = _sigma_batch(sigma, x)
+        return tweedie(x, score_fn(x, sig), sig)
+
+
 def dps_step(
     score_fn: ScoreFn, x: Tensor, sigma: float | Tensor, y: Tensor, operator: Operator, zeta: float = 0.28
 ) -> Tensor:
@@ -254,9 +261,7 @@ def sample_heun_dps(
             denoised = ev.denoised
             _record(stats, 1, ev.residual)
         else:
-            with torch.no_grad():
-                sig = _sigma_batch(sigma_hat, x)
-                denoised = tweedie(x, score_fn(x, sig), sig)
+            denoised = _denoised(score_fn, x, sigma_hat)
             _record(stats, 1)
         if callback is not None:
             callback(i, n_steps, sigma_hat, x, denoised)
@@ -264,9 +269,7 @@ def sample_heun_dps(
         dt = sigma_next - sigma_hat
         x_next = x + d * dt
         if order == 2 and takes_heun_correction(sigma_hat, sigma_next, max_correction_gain):
-            with torch.no_grad():
-                sig = _sigma_batch(sigma_next, x_next)
-                d_2 = (x_next - tweedie(x_next, score_fn(x_next, sig), sig)) / sigma_next
+            d_2 = (x_next - _denoised(score_fn, x_next, sigma_next)) / sigma_next
             _record(stats, 1)
             x_next = x + (d + d_2) / 2 * dt
         x = x_next - zeta * ev.grad if guided else x_next

@@ -17,5 +17,5 @@ from .regression import *  # noqa: F401,F403
 from .score import *  # noqa: F401,F403
 from .wgan_gp import *  # noqa: F401,F403
 
-__all__ = [*errors.__all__, *handlers.__all__, *checkpoints.__all__, *ddpm.__all__, *distillation.__all__, *edm.__all__,
-           *regression.__all__, *score.__all__, *wgan_gp.__all__]
+__all__ = [*errors.__all__, *handlers.__all__, *checkpoints.__all__, *ddpm.__all__, *distillation.__all__,
+           *edm.__all__, *regression.__all__, *score.__all__, *wgan_gp.__all__]
