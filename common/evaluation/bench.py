@@ -15,17 +15,19 @@ bundle's ``network`` module during that call. ``--edge`` splits the head-mask
 gain into the mask's boundary band (voxels within ``edge_width`` of the outside: where a skull-stripped brain
 meets its zero background) and the interior.
 
-What a user waits for (issue 18), with one command (slow: every bundle's command runs once per volume)::
+What a user waits for (issue 18), with one command (slow: every bundle's command runs ``--command_repeats``
+times per volume)::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \\
         python -m common.evaluation.bench --bundles ... \\
-        --data ../shared/data/mri --pad_to 256 256 256 --threads 2 --flops --peak --command_time
+        --data ../shared/data/mri --pad_to 256 256 256 --threads 2 --flops --peak --command_time --command_repeats 5
 
 ``--command_time`` also runs each bundle's whole inference command (``python -m monai.bundle run``: start-up,
-loading, sampling, writing) on the same LR volume written as NIfTI, and reports its wall time and its own peak
-memory (:mod:`common.evaluation.command_timing`); ``--peak`` measures the best fp32 and bf16 matmul GFLOP/s of
-this CPU at the benchmark's threads and reports each bundle's GFLOP/s as a share of the peak of the dtype it runs
-(bf16 when its config says ``amp``).
+loading, sampling, writing) on the same LR volume written as NIfTI, and reports its wall time (the median of
+``--command_repeats`` runs, with their minimum and maximum) and its own peak memory
+(:mod:`common.evaluation.command_timing`); ``--peak`` measures the best fp32 and bf16 matmul GFLOP/s of this CPU at
+the benchmark's threads and reports each bundle's GFLOP/s as a share of the peak of the dtype it runs (bf16 when
+its config says ``amp``).
 """
 
 from __future__ import annotations
@@ -231,6 +233,7 @@ def run(
     command_output: str | Path | None = None,
     peak: dict[str, float] | None = None,
     crop: Sequence[int] | None = None,
+    command_repeats: int = 1,
 ) -> list[dict]:
     """Benchmark rows: first the interpolation baselines of :data:`common.evaluation.BASELINES` (scored on the same
     LR inputs as the bundles, no timings), then one row per bundle (means over the volumes), each preceded by one
@@ -245,7 +248,8 @@ def run(
 
     Every bundle row has its ``network_calls`` and seconds per call. ``command_time`` also runs each bundle's
     inference command on each LR volume (:func:`common.evaluation.command_timing.time_inference_command`, with
-    ``OMP_NUM_THREADS`` = torch's threads) for ``command_s`` and ``command_rss_mb``; its outputs are kept under
+    ``OMP_NUM_THREADS`` = torch's threads) ``command_repeats`` times for ``command_s`` (the median; with its
+    ``command_s_min`` and ``command_s_max`` when repeated) and ``command_rss_mb``; its outputs are kept under
     ``command_output`` when given (a folder ``<position>_<label>`` per bundle, ``<subject>_sr.nii.gz`` in it).
     ``peak`` (:func:`matmul_peak_gflops`) adds ``peak_pct``: GFLOP/s (``count_flops``) as a % of the peak of the
     dtype the bundle runs (``peak_dtype``: bf16 when its config's ``amp`` is set, else fp32). ``crop`` keeps the
@@ -316,7 +320,8 @@ def run(
                     affine[:3, 3] += affine[:3, :3] @ offset
                     lr_files[path] = write_lr_volume(lr[0].numpy(), affine, scale,
                                                      Path(work.name, "lr", str(len(lr_files)), f"{subject}.nii.gz"))
-                timing = time_inference_command(name, overrides, lr_files[path], outputs, torch.get_num_threads())
+                timing = time_inference_command(name, overrides, lr_files[path], outputs, torch.get_num_threads(),
+                                                repeats=command_repeats)
                 if timing.pop("command_shape") != shape:
                     raise RuntimeError(f"{label}: the command's SR shape differs from the benchmark's {shape}")
                 per_volume[-1].update(timing)
@@ -360,14 +365,17 @@ COLUMNS = [
     ("psnr", "PSNR", "{:.2f}"), ("ssim2d", "SSIM", "{:.4f}"),
     ("psnr_mask", "PSNR mask", "{:.2f}"), ("ssim2d_mask", "SSIM mask", "{:.4f}"),
     ("delta_psnr_mask", "Δ PSNR vs B-spline", "{:+.2f}"), ("delta_ssim2d_mask", "Δ SSIM vs B-spline", "{:+.4f}"),
-    ("command_s", "s command", "{:.1f}"), ("s_per_volume", "s/volume", "{:.2f}"),
+    ("command_s", "s command", "{:.1f}"), ("command_s_min", "s command min", "{:.1f}"),
+    ("command_s_max", "s command max", "{:.1f}"), ("s_per_volume", "s/volume", "{:.2f}"),
     ("network_calls", "network calls", "{:.0f}"), ("s_per_call", "s/call", "{:.4f}"),
     ("s_per_slice", "s/slice", "{:.4f}"),
     ("gflop_per_s", "GFLOP/s", "{:.1f}"), ("peak_dtype", "dtype", "{}"), ("peak_pct", "% of peak", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MiB", "{:.0f}"), ("command_rss_mb", "command peak RSS MiB", "{:.0f}"),
 ]
-# shown only when a row has them (--command_time, --peak; no baseline-only table has network calls)
-OPTIONAL_COLUMNS = {"command_s", "network_calls", "s_per_call", "peak_dtype", "peak_pct", "command_rss_mb"}
+# shown only when a row has them (--command_time, --command_repeats, --peak; no baseline-only table has network
+# calls)
+OPTIONAL_COLUMNS = {"command_s", "command_s_min", "command_s_max", "network_calls", "s_per_call", "peak_dtype",
+                    "peak_pct", "command_rss_mb"}
 
 
 EDGE_COLUMNS = [("delta_psnr_edge", "Δ PSNR edge", "{:+.2f}"), ("delta_psnr_inner", "Δ PSNR interior", "{:+.2f}")]
@@ -418,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--command_time", action="store_true",
                     help="also time each bundle's whole inference command (python -m monai.bundle run: start-up, "
                          "loading, sampling, writing) on the LR volume written as NIfTI, with its peak memory (slow)")
+    ap.add_argument("--command_repeats", type=int, default=1,
+                    help="runs of each command with --command_time: the median is reported, with min and max")
     ap.add_argument("--command_output", default=None,
                     help="keep the commands' outputs here (a folder per bundle; default: a removed temporary folder)")
     ap.add_argument("--peak", action="store_true",
@@ -436,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"error: {args.data}: subjects not found: {sorted(missing)}")
     rows = run(args.bundles, files, args.degradation, args.scale, args.slices, args.flops, args.pad_to, args.edge,
                args.per_subject, args.brain_mask, args.figure, args.figure_subject, args.figure_box,
-               args.command_time, args.command_output, peak, args.crop)
+               args.command_time, args.command_output, peak, args.crop, args.command_repeats)
     print(f"degradation: {args.degradation} x{args.scale}; slices: {args.slices or 'all'}; crop: {args.crop or 'no'}; "
           f"padded to: {args.pad_to or 'no'}; "
           f"volumes: {', '.join(nifti_stem(f) for f in files)}; torch threads: {torch.get_num_threads()}"

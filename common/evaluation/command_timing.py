@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,9 +163,10 @@ def time_inference_command(
     output_dir: str | Path,
     threads: int,
     bundles_dir: Path = REPO / "bundles",
+    repeats: int = 1,
 ) -> dict:
-    """Run the bundle's inference command on the one LR file ``lr_path`` (alone in its folder) and check that it
-    wrote ``<output_dir>/<stem>_sr.nii.gz``.
+    """Run the bundle's inference command on the one LR file ``lr_path`` (alone in its folder) ``repeats`` times
+    and check that each run wrote ``<output_dir>/<stem>_sr.nii.gz``.
 
     Args:
         name: bundle name or folder.
@@ -173,10 +175,13 @@ def time_inference_command(
         output_dir: the command's ``--output_dir``.
         threads: ``OMP_NUM_THREADS`` of the command (the benchmark's torch threads).
         bundles_dir: where bundle names are looked up.
+        repeats: runs, one after the other (a single run on these shared 2-core machines varies by 1-4 s in
+            20 s: the median of several is the figure to quote).
 
     Returns:
-        ``command_s`` (wall seconds), ``command_rss_mb`` (the command's peak resident set, MiB) and
-        ``command_shape`` (the written SR volume's shape, e.g. "16x24x32").
+        ``command_s`` (median wall seconds), ``command_s_min`` and ``command_s_max`` (over the runs; when
+        ``repeats`` > 1), ``command_rss_mb`` (the largest peak resident set of a run, MiB) and ``command_shape``
+        (the written SR volume's shape, e.g. "16x24x32").
 
     Raises:
         RuntimeError: the command failed or wrote no SR file (with the end of its log).
@@ -187,10 +192,20 @@ def time_inference_command(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     argv = inference_command(name, overrides, lr_path.parent, output_dir, bundles_dir)
     sr_path = Path(output_dir) / f"{nifti_stem(lr_path)}_sr.nii.gz"
-    sr_path.unlink(missing_ok=True)  # a kept output of an earlier run must not pass for this one's
-    result = run_command(argv, env=env, cwd=REPO)
-    if result.returncode != 0 or not sr_path.is_file():
-        raise RuntimeError(f"{' '.join(argv)}\nexit {result.returncode}, wrote {sr_path}: {sr_path.is_file()}\n"
-                           f"{result.log[-3000:]}")
+    if int(repeats) < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    results = []
+    for _ in range(int(repeats)):
+        sr_path.unlink(missing_ok=True)  # a kept output of an earlier run must not pass for this one's
+        result = run_command(argv, env=env, cwd=REPO)
+        if result.returncode != 0 or not sr_path.is_file():
+            raise RuntimeError(f"{' '.join(argv)}\nexit {result.returncode}, wrote {sr_path}: {sr_path.is_file()}\n"
+                               f"{result.log[-3000:]}")
+        results.append(result)
     shape = "x".join(str(s) for s in nib.load(str(sr_path)).shape[:3])
-    return {"command_s": result.seconds, "command_rss_mb": result.peak_rss_mb, "command_shape": shape}
+    seconds = [r.seconds for r in results]
+    timing = {"command_s": statistics.median(seconds), "command_rss_mb": max(r.peak_rss_mb for r in results),
+              "command_shape": shape}
+    if len(results) > 1:
+        timing.update(command_s_min=min(seconds), command_s_max=max(seconds))
+    return timing

@@ -201,9 +201,31 @@ def test_command_time(oblique_folder, tmp_path):
         np.testing.assert_allclose(img.affine, hr_affine, atol=1e-4)
     assert not np.allclose(*(np.asarray(img.dataobj) for img in written))  # mode=linear reached the command
     table = bench.format_table([bspline, linear])
-    assert "| s command |" in table and "command peak RSS MiB" in table
+    assert "| s command |" in table and "command peak RSS MiB" in table and "s command min" not in table
     plain = [{k: v for k, v in row.items() if not k.startswith("command")} for row in (bspline, linear)]
     assert "s command" not in bench.format_table(plain) and "network calls" in bench.format_table(plain)
+
+
+def test_command_repeats_report_the_median_and_range(oblique_folder, monkeypatch):
+    """``command_repeats``: the command runs that many times; the row has the median, the minimum and the maximum
+    of the runs' wall times and the largest peak memory."""
+    runs = iter([(3.0, 100.0), (1.0, 300.0), (2.0, 200.0)])
+    real = command_timing.run_command
+
+    def scripted(argv, env=None, cwd=None):  # the real command, with scripted figures in place of its own
+        result = real(argv, env=env, cwd=cwd)
+        seconds, rss = next(runs)
+        return command_timing.CommandResult(seconds, rss, result.returncode, result.log)
+
+    monkeypatch.setattr(command_timing, "run_command", scripted)
+    *_, row = bench.run(["brain_mri_interpolation_super_resolution"], [oblique_folder / "s1.nii.gz"],
+                        pad_to=(16, 16, 32), command_time=True, command_repeats=3)
+    assert (row["command_s"], row["command_s_min"], row["command_s_max"]) == (2.0, 1.0, 3.0)
+    assert row["command_rss_mb"] == 300.0
+    assert "| s command | s command min | s command max |" in bench.format_table([row])
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run(["brain_mri_interpolation_super_resolution"], [oblique_folder / "s1.nii.gz"],
+                  pad_to=(16, 16, 32), command_time=True, command_repeats=0)
 
 
 def test_network_calls_and_share_of_peak(hr_folder):

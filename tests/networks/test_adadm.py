@@ -56,20 +56,47 @@ def test_weight_and_bias_get_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "shape, layout", [((2, 8, 9, 7), torch.channels_last), ((2, 4, 5, 6, 3), torch.channels_last_3d)]
+    "shape, layout",
+    [
+        ((2, 8, 9, 7), torch.channels_last),  # fewer entries than one piece: float64 sums only
+        ((2, 8, 16, 16), torch.channels_last),  # whole pieces of 1024
+        ((2, 8, 13, 11), torch.channels_last),  # pieces and a tail
+        ((2, 4, 5, 6, 3), torch.channels_last_3d),
+        ((2, 4, 8, 8, 5), torch.channels_last_3d),
+    ],
 )
-@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("offset", [0.0, 20.0, 100.0])
 def test_inference_deviation_equals_the_differentiable_one(dtype, shape, layout, offset):
-    """Without autograd the deviation comes from float64 sums (no copy of x): the same float32 value, whatever the
-    layout, dtype or mean (a mean 100x the deviation, where float32 sums of squares would cancel)."""
+    """Without autograd (no copy of x): float32 entries from float64 sums, the same float32 value; bf16 entries
+    from float32 sums of pieces with float64 totals, within 1e-5 whatever the layout or mean, including means that
+    dwarf the deviation (100 / 3: the float64 sums of every entry, where float32 sums of squares would cancel)."""
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + offset).to(dtype)
-    for x_in in (x, x.contiguous(memory_format=layout)):
-        torch.testing.assert_close(_deviation_no_grad(x_in), _deviation(x), rtol=1e-6, atol=0)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-5
+    for x_in in (x, x.contiguous(memory_format=layout), x.transpose(1, 2)):
+        torch.testing.assert_close(_deviation_no_grad(x_in), _deviation(x), rtol=rtol, atol=0)
     m = AdaDM()
     h = torch.randn(shape)
     with torch.no_grad():
         fast = m(h, x)
-    torch.testing.assert_close(fast, m(h, x.detach().clone().requires_grad_()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(fast, m(h, x.detach().clone().requires_grad_()), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize(
+    "offset, dtype, float64_sums",
+    [(0.0, torch.bfloat16, False), (20.0, torch.bfloat16, False), (100.0, torch.bfloat16, True),
+     (0.0, torch.float32, True)],
+)
+def test_float64_sums_take_over_when_the_mean_dwarfs_the_deviation(monkeypatch, offset, dtype, float64_sums):
+    """For bf16 the pieces' float32 sums serve while mean² <= 100 var; beyond it, and for float32 entries, every
+    entry is summed in float64."""
+    import common.networks.adadm as adadm
+
+    calls = []
+    monkeypatch.setattr(adadm, "_deviation_float64", lambda x: calls.append(1) or _deviation(x))
+    x = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(2)) * 3 + offset
+    adadm._deviation_no_grad(x.to(dtype).contiguous(memory_format=torch.channels_last))
+    assert bool(calls) == float64_sums
+
 
 def test_constant_input_stays_finite():
     """An empty (constant) slice: σ = 0, the eps keeps the log finite and the gradients are not NaN."""
