@@ -1,5 +1,6 @@
 """Data floor: NIfTI input/output with geometry and atomic writes (gzip deflated on several cores), datalists
-(inference, evaluation, training splits), covariates, the embedded sample, and dataset helpers. Imports nothing else of ``common`` but ``common.utils``.
+(inference, evaluation, training splits), covariates, the embedded sample, and dataset helpers. Imports nothing
+else of ``common`` but ``common.utils``.
 
 Each module's ``__all__`` is re-exported here (``common.data.<name>``), as MONAI's packages do.
 """

@@ -45,23 +45,22 @@ def gzip_pieces(data: bytes | bytearray | memoryview, level: int = 6, workers: i
         workers: threads deflating at once (1: in this thread).
         piece_bytes: uncompressed bytes per independently deflated piece.
     """
-    if not 0 <= int(level) <= 9:
+    level, workers, piece_bytes = int(level), int(workers), int(piece_bytes)
+    if not 0 <= level <= 9:
         raise ValueError(f"gzip level must be 0-9, got {level}")
-    if int(workers) < 1 or int(piece_bytes) < 1:
+    if workers < 1 or piece_bytes < 1:
         raise ValueError(f"need workers >= 1 and piece_bytes >= 1, got {workers} and {piece_bytes}")
     view = memoryview(data).cast("B")
-    starts = range(0, max(len(view), 1), int(piece_bytes))
-    pieces = [view[s:s + int(piece_bytes)] for s in starts]
-    last = len(pieces) - 1
-    yield _MAGIC_DEFLATE_NOFLAGS_NOMTIME + _xfl(int(level)) + _UNKNOWN_OS
-    if int(workers) == 1 or len(pieces) == 1:
-        for i, piece in enumerate(pieces):
-            yield _deflate_piece(piece, int(level), i == last)
+    pieces = [view[s:s + piece_bytes] for s in range(0, max(len(view), 1), piece_bytes)]
+    finals = [i == len(pieces) - 1 for i in range(len(pieces))]
+    yield _MAGIC_DEFLATE_NOFLAGS_NOMTIME + _xfl(level) + _UNKNOWN_OS
+    if workers == 1 or len(pieces) == 1:
+        yield from map(_deflate_piece, pieces, [level] * len(pieces), finals)
         crc = zlib.crc32(view)
     else:
-        with ThreadPoolExecutor(max_workers=int(workers)) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             crc_future = pool.submit(zlib.crc32, view)
-            yield from pool.map(_deflate_piece, pieces, [int(level)] * len(pieces), [i == last for i in range(len(pieces))])
+            yield from pool.map(_deflate_piece, pieces, [level] * len(pieces), finals)
             crc = crc_future.result()
     yield struct.pack("<II", crc & 0xFFFFFFFF, len(view) & 0xFFFFFFFF)
 
