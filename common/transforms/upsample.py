@@ -1,8 +1,10 @@
 """Grid-aligned upsampling by integer factors: nearest, linear, cubic convolution and cubic B-spline.
 
 HR voxel j sits at LR coordinate (j + 0.5)/f - 0.5 (the half-voxel rule of methods.md §0; ``grid_mode=True`` in
-scipy, ``align_corners=False`` in torch). Each axis is one polyphase 1D convolution: for the f output phases the
-kernel weights are fixed, so the whole upsampling is a few small convolutions, fast on CPU and differentiable.
+scipy, ``align_corners=False`` in torch). Each axis is one polyphase 1D filter: for the f output phases the kernel
+weights are fixed, so each phase is a weighted sum of a few shifted views of the padded axis (differentiable, any
+device). Not ``F.conv1d`` with one channel and N rows: on CPU its oneDNN path takes a scratch buffer many times the
+volume and is slow on a first call (docs/performance.md, fifth pass).
 Borders: linear and cubic repeat the edge voxel (as torch and scipy's 'nearest'); the B-spline uses the
 half-sample symmetric extension (scipy's 'grid-mirror').
 """
@@ -65,6 +67,22 @@ def _polyphase(kernel: Callable[[torch.Tensor], torch.Tensor], factor: int, radi
     return kernel(deltas[:, None] - taps[None, :]).unsqueeze(1)
 
 
+def _fir(padded: torch.Tensor, taps: list[float]) -> torch.Tensor:
+    """``out[..., i] = sum_k taps[k] * padded[..., i + k]`` (a valid 1D correlation) as sums of shifted views.
+
+    Zero taps are skipped (the nearest and linear kernels' outer taps).
+    """
+    length = padded.shape[-1] - len(taps) + 1
+    terms = [(k, t) for k, t in enumerate(taps) if t != 0.0]
+    if not terms:
+        return padded.new_zeros(padded.shape[:-1] + (length,))
+    k0, t0 = terms[0]
+    out = padded[..., k0 : k0 + length] * t0
+    for k, t in terms[1:]:
+        out.add_(padded[..., k : k + length], alpha=t)
+    return out
+
+
 def _symmetric_index(length: int, pad: int) -> torch.Tensor:
     """Indices of a half-sample symmetric extension (d c b a | a b c d | d c b a), valid for any pad."""
     idx = torch.arange(-pad, length + pad) % (2 * length)
@@ -103,15 +121,18 @@ class GridUpsample(nn.Module):
 
     def _pad(self, v: torch.Tensor, pad: int) -> torch.Tensor:
         if self.mode == "bspline":
+            if pad <= v.shape[-1]:  # the mirrored ends as two flipped slices: cheaper than a gather along the last axis
+                return torch.cat([v[..., :pad].flip(-1), v, v[..., v.shape[-1] - pad :].flip(-1)], dim=-1)
             return v.index_select(-1, _symmetric_index(v.shape[-1], pad).to(v.device))
         return F.pad(v, (pad, pad), mode="replicate")
 
     def _axis(self, v: torch.Tensor, weight: torch.Tensor, factor: int) -> torch.Tensor:
         # v: (N, 1, L) -> (N, 1, L * factor)
         if self.mode == "bspline":
-            v = F.conv1d(self._pad(v, _PREFILTER_RADIUS), self.prefilter.to(v.dtype))
-        out = F.conv1d(self._pad(v, self.radius), weight.to(v.dtype))  # (N, f, L)
-        return out.transpose(1, 2).reshape(v.shape[0], 1, -1)
+            v = _fir(self._pad(v, _PREFILTER_RADIUS), self.prefilter.flatten().tolist())
+        padded = self._pad(v, self.radius)
+        phases = [_fir(padded, taps) for taps in weight[:, 0].tolist()]  # f x (N, 1, L)
+        return torch.stack(phases, dim=-1).reshape(v.shape[0], 1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != len(self.scale_factor) + 2:
