@@ -113,11 +113,10 @@ class GridUpsample(nn.Module):
             "cubic": (lambda t: keys_cubic(t, cubic_a), 2),
             "bspline": (bspline3, 2),
         }[mode]
-        for axis, f in enumerate(self.scale_factor):
-            self.register_buffer(f"w{axis}", _polyphase(kernel, f, self.radius).float(), persistent=False)
+        # taps as Python numbers (rounded to float32, the precision they always had): device-free, no sync per call
+        self.phase_taps = [_polyphase(kernel, f, self.radius).float()[:, 0].tolist() for f in self.scale_factor]
         n = torch.arange(-_PREFILTER_RADIUS, _PREFILTER_RADIUS + 1, dtype=torch.float64)
-        prefilter = math.sqrt(3.0) * _POLE ** n.abs()
-        self.register_buffer("prefilter", prefilter.float().reshape(1, 1, -1), persistent=False)
+        self.prefilter_taps = (math.sqrt(3.0) * _POLE ** n.abs()).float().tolist()
 
     def _pad(self, v: torch.Tensor, pad: int) -> torch.Tensor:
         if self.mode == "bspline":
@@ -126,12 +125,12 @@ class GridUpsample(nn.Module):
             return v.index_select(-1, _symmetric_index(v.shape[-1], pad).to(v.device))
         return F.pad(v, (pad, pad), mode="replicate")
 
-    def _axis(self, v: torch.Tensor, weight: torch.Tensor, factor: int) -> torch.Tensor:
+    def _axis(self, v: torch.Tensor, phase_taps: list[list[float]]) -> torch.Tensor:
         # v: (N, 1, L) -> (N, 1, L * factor)
         if self.mode == "bspline":
-            v = _fir(self._pad(v, _PREFILTER_RADIUS), self.prefilter.flatten().tolist())
+            v = _fir(self._pad(v, _PREFILTER_RADIUS), self.prefilter_taps)
         padded = self._pad(v, self.radius)
-        phases = [_fir(padded, taps) for taps in weight[:, 0].tolist()]  # f x (N, 1, L)
+        phases = [_fir(padded, taps) for taps in phase_taps]  # f x (N, 1, L)
         return torch.stack(phases, dim=-1).reshape(v.shape[0], 1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,10 +139,9 @@ class GridUpsample(nn.Module):
         for axis, f in enumerate(self.scale_factor):
             if f == 1:
                 continue
-            weight = getattr(self, f"w{axis}")
             moved = x.movedim(axis + 2, -1)
             shape = moved.shape
-            out = self._axis(moved.reshape(-1, 1, shape[-1]), weight, f)
+            out = self._axis(moved.reshape(-1, 1, shape[-1]), self.phase_taps[axis])
             x = out.reshape(*shape[:-1], shape[-1] * f).movedim(-1, axis + 2)
         return x
 
