@@ -24,6 +24,16 @@ LEARNED = [b for b in BUNDLES if (b / "configs" / "train.json").is_file()]
 LEARNED_IDS = [b.name for b in LEARNED]
 
 
+def default_weights(bundle: Path) -> Path:
+    """The weights file the bundle's inference.json loads by default (its ``model_path``, e.g. a student's)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    return Path(parser.get_parsed_content("model_path"))
+
+
 def bundle_cli(*args: str, bundle: Path | None = None, timeout: int = 900, launcher: tuple = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=SUBPROCESS_THREADS)
     if bundle is not None:  # verify_net_in_out and ckpt_export need the bundle root importable (bundles.md)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 
 import nibabel as nib
@@ -19,7 +20,8 @@ import pytest
 import yaml
 
 from bundle_cli import (
-    BUNDLES, IDS, LEARNED, LEARNED_IDS, SCHEMA, bundle_cli, fov_corners, infer, ok, overrides, train_args,
+    BUNDLES, IDS, LEARNED, LEARNED_IDS, SCHEMA, bundle_cli, default_weights, fov_corners, infer, ok, overrides,
+    train_args,
 )
 from conftest import REPO
 
@@ -70,7 +72,7 @@ def test_ckpt_export(bundle, tmp_path):
         pytest.skip("no trained weights in this bundle")
     out = tmp_path / "model.ts"
     ok(bundle_cli("ckpt_export", "--net_id", "network_def", "--filepath", str(out),
-                  "--ckpt_file", str(bundle / "models/model.pt"), "--meta_file", str(bundle / "configs/metadata.json"),
+                  "--ckpt_file", str(default_weights(bundle)), "--meta_file", str(bundle / "configs/metadata.json"),
                   "--config_file", str(bundle / "configs/inference.json"), "--bundle_root", str(bundle),
                   "--use_trace", "True", bundle=bundle))
     assert out.stat().st_size > 0
@@ -354,7 +356,9 @@ def test_edm3d_distill_json_trains_a_student_from_the_shipped_weights(small_trai
 
 
 @pytest.mark.parametrize("distilled, weights, num_steps, sigma_min",
-                         [(True, "model_2step.pt", 2, 0.1), (False, "model.pt", 3, 0.0774)])
+                         [(True, "model_2step.pt", 2, 0.1), (False, "model.pt", 3, 0.0774),
+                          # what `--distilled false` delivers: python-fire keeps the word as a (truthy) string
+                          ("true", "model_2step.pt", 2, 0.1), ("false", "model.pt", 3, 0.0774)])
 def test_edm3d_distilled_switch(distilled, weights, num_steps, sigma_min):
     """``distilled`` picks the weights and the grid they are for together, in inference and in evaluation, and the
     grids are the ones distill.json trains the student (and runs the teacher) with."""
@@ -369,5 +373,55 @@ def test_edm3d_distilled_switch(distilled, weights, num_steps, sigma_min):
         assert parser.get_parsed_content(f"{inferer}#num_steps") == num_steps
         assert parser.get_parsed_content(f"{inferer}#sigma_min") == pytest.approx(sigma_min)
     distill = json.loads((EDM3D / "configs" / "distill.json").read_text())
-    role = "student" if distilled else "teacher"
+    role = "student" if weights == "model_2step.pt" else "teacher"
     assert (distill[f"{role}_num_steps"], distill[f"{role}_sigma_min"]) == (num_steps, pytest.approx(sigma_min))
+
+
+EDM25D = REPO / "bundles" / "brain_mri_edm25d_super_resolution"
+
+
+def test_edm25d_student_json_fine_tunes_the_attention_free_student_from_the_shipped_weights(
+        small_training_set, tmp_path):
+    """student.json on top of train.json: the network without attention starts from models/model.pt (its other
+    tensors, at the shipped size), trains at σ = 5 only, and its weights are the teacher's minus the attention."""
+    import torch
+
+    configs = json.dumps([str(EDM25D / "configs/train.json"), str(EDM25D / "configs/student.json")])
+    ckpt = tmp_path / "ckpt"
+    args = train_args(EDM25D, small_training_set, ckpt)
+    for key in ("--channels", "--cond_channels"):  # the shipped weights' size, not the tiny test network's
+        i = args.index(key)
+        del args[i : i + 2]
+    ok(bundle_cli("run", "--config_file", configs, *args, "--patch_size", "[32, 32]"))
+    student = torch.load(ckpt / "model.pt", weights_only=True)
+    teacher = torch.load(EDM25D / "models" / "model.pt", weights_only=True)
+    assert set(student) == {k for k in teacher if ".attn." not in k} and len(student) < len(teacher)
+    assert any(not torch.equal(student[key], teacher[key]) for key in student)
+    student_config = json.loads((EDM25D / "configs" / "student.json").read_text())
+    assert math.exp(student_config["p_mean"]) == pytest.approx(5.0) and student_config["p_std"] == 0
+
+
+@pytest.mark.parametrize("student, weights", [(True, "model_student.pt"), ("true", "model_student.pt"),
+                                              (False, "model.pt"), ("false", "model.pt")])
+def test_edm25d_student_switch(student, weights):
+    """``student`` picks the weights and the network they fit together (no attention for the student), in inference
+    and in evaluation; the paper and regression configurations, listed last as override files are, keep their own."""
+    from monai.bundle import ConfigParser
+
+    attention = "model_student.pt" not in weights
+    for configs, weights_key in ((("inference.json",), "model_path"),
+                                 (("train.json", "evaluate.json"), "eval_weights")):
+        parser = ConfigParser()
+        parser.read_config([str(EDM25D / "configs" / c) for c in configs])
+        parser["bundle_root"], parser["student"] = str(EDM25D), student
+        assert parser.get_parsed_content(weights_key).endswith(f"/models/{weights}")
+        assert parser.get_parsed_content("attention_levels") == [False] * 4 + [attention]
+        assert parser.get_parsed_content("mid_attention") is attention
+    last = ((("inference.json", "regression.json"), "model_path", "model_regression.pt"),
+            (("train.json", "evaluate.json", "paper.json"), "eval_weights", "model_paper.pt"))
+    for configs, weights_key, own in last:
+        parser = ConfigParser()
+        parser.read_config([str(EDM25D / "configs" / c) for c in configs])
+        parser["bundle_root"] = str(EDM25D)
+        assert parser.get_parsed_content(weights_key).endswith(f"/models/{own}")
+        assert parser.get_parsed_content("attention_levels")[-1] is True

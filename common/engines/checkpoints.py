@@ -18,7 +18,7 @@ from torch import nn
 
 from common.data.io import InputFileError, atomic_path
 from common.data.weights import check_state_fits, read_state
-from common.utils import is_unset
+from common.utils import as_flag, is_unset
 
 __all__ = [
     "unwrap_module",
@@ -48,7 +48,9 @@ def load_state(network, path, map_location="cpu", strict: bool = True, large_fil
         network: the module to fill.
         path: the weights file.
         map_location: ``torch.load`` map_location.
-        strict: require the keys and shapes to match exactly.
+        strict: require the keys and shapes to match exactly; False loads the tensors whose names the network shares
+            with the file (their shapes must still match) and logs the names on either side left out (e.g. a
+            smaller student initialised from its teacher).
         large_files: the bundle's ``large_files.yml``; a file it lists must have the listed hash.
     """
     state = read_state(path, map_location, large_files)
@@ -58,9 +60,29 @@ def load_state(network, path, map_location="cpu", strict: bool = True, large_fil
             break
     if strict:
         check_state_fits(path, state, network)
-    network.load_state_dict(state, strict=strict)
+        network.load_state_dict(state)
+    else:
+        if not isinstance(state, dict):
+            raise InputFileError(path, f"expected a state_dict, found {type(state).__name__}")
+        own = network.state_dict()
+        shared = set(own) & set(state)
+        wrong = sorted(k for k in shared if tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape))
+        if wrong:
+            raise InputFileError(path, f"the weights do not fit the network (wrong shape {_names(wrong)})")
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if len(missing) == len(own):
+            raise InputFileError(path, "no tensor of the weights has a name of the network's: another network's?")
+        network.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            logger.warning("%s: loaded the %d tensors the network shares with the file; %d of the network's kept "
+                           "their initialisation (%s), %d of the file's were ignored (%s)", path,
+                           len(own) - len(missing), len(missing), _names(missing), len(unexpected), _names(unexpected))
     logger.info("loaded weights from %s", path)
     return network
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (" ..." if len(keys) > limit else "") if keys else "none"
 
 
 def latest_checkpoint(ckpt_dir: str | Path | None, pattern: str = "checkpoint*.pt") -> Path | None:
@@ -100,6 +122,8 @@ class ResumeFromLatest:
         init_weights: weights file (a ``state_dict``, e.g. a bundle's ``models/model.pt``) to start the network
             from when there is no checkpoint to resume: fine-tuning. Unset: start from the initialisation.
         network_key: the network's entry in ``load_dict``.
+        init_strict: ``init_weights`` must fit the network exactly; False loads the tensors they share (see
+            :func:`load_state`), e.g. a student without its teacher's attention blocks.
     """
 
     def __init__(
@@ -111,8 +135,9 @@ class ResumeFromLatest:
         engine_key: str | None = "trainer",
         init_weights: str | Path | None = None,
         network_key: str = "network",
+        init_strict: bool = True,
     ) -> None:
-        self.init_weights, self.network_key = init_weights, network_key
+        self.init_weights, self.network_key, self.init_strict = init_weights, network_key, as_flag(init_strict)
         self.ckpt_dir, self.load_dict, self.pattern = ckpt_dir, dict(load_dict), pattern
         self.map_location = map_location
         self.engine_key = engine_key
@@ -131,7 +156,8 @@ class ResumeFromLatest:
                 return
             if not Path(self.init_weights).is_file():
                 raise FileNotFoundError(f"init_weights {self.init_weights}: no such weights file")
-            load_state(unwrap_module(self.load_dict[self.network_key]), self.init_weights, self.map_location)
+            load_state(unwrap_module(self.load_dict[self.network_key]), self.init_weights, self.map_location,
+                       strict=self.init_strict)
             logger.info("no checkpoint in %s: fine-tuning from %s", self.ckpt_dir, self.init_weights)
             return
         self._check(path)

@@ -22,8 +22,11 @@ from torch import Tensor, nn
 from common.diffusion.samplers import SAMPLERS, get_sigmas_karras
 from common.engines.checkpoints import load_state
 from common.engines.edm import batch_pair
+from common.utils import as_flag
 
-__all__ = ["karras_grid", "frozen_denoiser", "UnrolledSampler", "SamplerDistillationPrepareBatch"]
+__all__ = [
+    "karras_grid", "frozen_denoiser", "check_student_sampler", "UnrolledSampler", "SamplerDistillationPrepareBatch"
+]
 
 
 def karras_grid(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
@@ -40,6 +43,22 @@ def frozen_denoiser(network: nn.Module, path: str, large_files: str | None = Non
         large_files: the bundle's ``large_files.yml``, to check the file's hash when it lists it.
     """
     return load_state(network, path, large_files=large_files).eval().requires_grad_(False)
+
+
+def check_student_sampler(student: bool | str, sampler: str, trained_for: str = "paper") -> None:
+    """Refuse to run a student's weights with another sampler than the one they were trained for.
+
+    A student is trained at its own sampler's noise levels only (the 2.5D bundle's at σ = 5), so any other sampler
+    would run it where it never learned; the error names the option that loads the general weights instead.
+
+    Args:
+        student: the bundle's ``student`` option (a flag; ``"false"`` from the command line is False).
+        sampler: the sampler asked for.
+        trained_for: the student's sampler.
+    """
+    if as_flag(student) and sampler != trained_for:
+        raise ValueError(f"the student weights (student true) are trained for the {trained_for!r} sampler only: "
+                         f"add --student false to sample with {sampler!r} and the general weights")
 
 
 class UnrolledSampler(nn.Module):

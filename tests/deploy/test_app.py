@@ -17,8 +17,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
-from bundle_cli import BUNDLES, IDS, infer, ok, sr_outputs
+from bundle_cli import BUNDLES, IDS, default_weights, infer, ok, sr_outputs
 from conftest import REPO, SUBPROCESS_THREADS
 
 DICOM_SERIES = REPO.parent / "shared" / "data" / "dicom" / "saganon_siemens_skyra_3T_sag_mprage"
@@ -171,12 +172,13 @@ def test_wrong_weights_hash_stops_before_any_output(deploy_python, small_volume,
     shutil.copytree(EDM25D, bundle, ignore=shutil.ignore_patterns("output", "eval", "runs"))
     listed = bundle / "large_files.yml"
     text = listed.read_text()
-    real = text.split('hash_val: "')[1].split('"')[0]
+    weights = default_weights(bundle)  # the file the app loads (the student's since EDM 2.5D 0.4.0)
+    real = next(e["hash_val"] for e in yaml.safe_load(text)["large_files"] if bundle / e["path"] == weights)
     listed.write_text(text.replace(real, "0" * 64, 1))
     proc = run_app(deploy_python, bundle, small_volume, tmp_path / "out")
     assert proc.returncode == 1
     assert error_lines(proc) == [
-        f"error: {bundle / 'models' / 'model.pt'}: sha256 {real} differs from {'0' * 64} listed in {listed}: "
+        f"error: {weights}: sha256 {real} differs from {'0' * 64} listed in {listed}: "
         "the file was changed or damaged; restore it, or pass your own weights with --model_path"
     ]
     assert not any((tmp_path / "out").glob("*.nii*"))

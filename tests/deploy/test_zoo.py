@@ -119,7 +119,8 @@ def test_download_from_a_loopback_zoo_then_inference_equals_the_repository(loopb
     served.write_bytes(good)
     ok(monai_bundle("download_large_files", "--bundle_path", str(copy)))
     listed = yaml.safe_load((copy / "large_files.yml").read_text())["large_files"]
-    assert {e["path"] for e in listed} == {"models/model.pt", "models/model_regression.pt", "models/model.pt2"}
+    assert {e["path"] for e in listed} == {"models/model.pt", "models/model_regression.pt", "models/model_student.pt",
+                                           "models/model.pt2"}
     for entry in listed:
         assert entry["url"] == f"{url}/{name}/{entry['path']}"
         assert file_hash(copy / entry["path"]) == entry["hash_val"]

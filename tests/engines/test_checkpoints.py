@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from common.data import find_input_error
+from common.data import InputFileError, find_input_error
 from common.engines import EpochSeeding
 from common.engines.checkpoints import (
     EngineCheckpointSaver,
@@ -18,7 +18,9 @@ from common.engines.checkpoints import (
     ResumeFromLatest,
     checkpoint_to_weights,
     latest_checkpoint,
+    load_state,
 )
+from common.networks import AdaGNUNet
 
 
 @pytest.mark.parametrize(
@@ -151,3 +153,46 @@ def test_epoch_seeding_makes_each_epoch_draw_the_same_whatever_came_before():
     run(1, 7)  # resumed after epoch 1, with a different RNG history
     assert torch.equal(draws[(0, 2)], draws[(7, 2)]) and torch.equal(draws[(0, 3)], draws[(7, 3)])
     assert not torch.equal(draws[(0, 2)], draws[(0, 3)])
+
+
+def _teacher_and_student():
+    """A small AdaGN U-Net with attention in its deepest level and middle, and the same network without any."""
+    torch.manual_seed(0)
+    kw = dict(channels=(8, 16), cond_channels=16, num_res_blocks=1)
+    teacher = AdaGNUNet(2, 2, 1, attention_levels=(False, True), **kw)
+    student = AdaGNUNet(2, 2, 1, attention_levels=(False, False), mid_attention=False, **kw)
+    return teacher, student
+
+
+def test_init_weights_not_strict_loads_the_shared_tensors_and_names_the_rest(tmp_path, caplog):
+    teacher, student = _teacher_and_student()
+    path = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), path)
+    with pytest.raises(InputFileError, match="unexpected"):  # strict, the default: refused before anything loads
+        ResumeFromLatest(tmp_path / "none", {"network": student}, init_weights=path)(Engine(lambda e, b: None))
+    ResumeFromLatest(tmp_path / "none", {"network": student}, init_weights=path, init_strict="false")(
+        Engine(lambda e, b: None))
+    shared = set(student.state_dict()) & set(teacher.state_dict())
+    assert shared == set(student.state_dict())  # the student is the teacher without attention blocks
+    for k in shared:
+        torch.testing.assert_close(student.state_dict()[k], teacher.state_dict()[k])
+    assert "of the file's were ignored" in caplog.text and ".attn." in caplog.text
+
+
+def test_init_weights_not_strict_still_refuses_a_wrong_shape(tmp_path):
+    teacher, _ = _teacher_and_student()
+    wider = AdaGNUNet(2, 2, 1, channels=(8, 32), cond_channels=16, num_res_blocks=1)
+    path = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), path)
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(InputFileError, match="wrong shape"):
+        load_state(wider, path, strict=False)
+    for k, v in wider.state_dict().items():  # nothing was copied
+        torch.testing.assert_close(v, before[k])
+
+
+def test_init_weights_not_strict_refuses_weights_sharing_no_name(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(nn.Linear(3, 2).state_dict(), path)
+    with pytest.raises(InputFileError, match="no tensor"):
+        load_state(_teacher_and_student()[1], path, strict=False)

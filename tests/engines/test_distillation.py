@@ -15,6 +15,7 @@ from common.diffusion.samplers import sample_euler, sample_heun
 from common.engines.distillation import (
     SamplerDistillationPrepareBatch,
     UnrolledSampler,
+    check_student_sampler,
     frozen_denoiser,
     karras_grid,
 )
@@ -110,3 +111,15 @@ def test_stock_trainer_brings_the_student_towards_the_teacher():
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
     trainer.run()
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("student, sampler, refused", [
+    (True, "paper", False), ("true", "heun", True), (True, "euler", True), ("false", "heun", False),
+    (False, "euler", False),
+])
+def test_check_student_sampler(student, sampler, refused):
+    if refused:
+        with pytest.raises(ValueError, match="--student false"):
+            check_student_sampler(student, sampler)
+    else:
+        check_student_sampler(student, sampler)
