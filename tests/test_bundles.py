@@ -418,6 +418,7 @@ def test_edm25d_student_switch(student, weights):
         assert parser.get_parsed_content("attention_levels") == [False] * 4 + [attention]
         assert parser.get_parsed_content("mid_attention") is attention
     last = ((("inference.json", "regression.json"), "model_path", "model_regression.pt"),
+            (("train.json", "evaluate.json", "regression.json"), "eval_weights", "model_regression.pt"),
             (("train.json", "evaluate.json", "paper.json"), "eval_weights", "model_paper.pt"))
     for configs, weights_key, own in last:
         parser = ConfigParser()

@@ -7,7 +7,8 @@ student's whole trajectory is unrolled with gradients: :class:`SamplerDistillati
 noise ``z``, runs the frozen teacher's sampler on ``(z, cond)`` without gradients and returns ``inputs`` = ``z``,
 ``targets`` = the teacher's sample and ``{"cond": cond}``; the trainer's network is :class:`UnrolledSampler` around
 the student denoiser, so ``MSELoss`` on its output is the distillation loss and the student's weights (the
-wrapped denoiser's) are what the checkpoints and the final weights hold.
+wrapped denoiser's) are what the checkpoints and the final weights hold. :func:`check_student_sampler` keeps a
+bundle's student weights to the sampler they were trained for.
 """
 
 from __future__ import annotations
