@@ -87,9 +87,15 @@ def read_state(path: str | os.PathLike, map_location: Any = "cpu", large_files: 
         raise InputFileError(path, f"not a readable PyTorch weights file ({type(err).__name__}: {err})") from err
 
 
-def check_state_fits(path: str | os.PathLike, state: Mapping[str, Any], module) -> None:
+def check_state_fits(path: str | os.PathLike, state: Mapping[str, Any], module,
+                     partial: bool = False) -> tuple[list[str], list[str]]:
     """Refuse a ``state_dict`` that does not fit ``module`` before anything is copied (``load_state_dict`` would
-    fill the matching tensors first and only then raise)."""
+    fill the matching tensors first and only then raise); return the module's names the file lacks and the file's
+    names the module lacks.
+
+    With ``partial`` (a student initialised from its teacher) those two may be non-empty; a wrong shape, or no name
+    in common at all, is still refused.
+    """
     if not isinstance(state, Mapping):
         raise InputFileError(path, f"expected a state_dict, found {type(state).__name__}")
     own = module.state_dict()
@@ -97,8 +103,12 @@ def check_state_fits(path: str | os.PathLike, state: Mapping[str, Any], module) 
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state)
                    if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or wrong:
-        parts = [f"{name} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    if partial and own and len(missing) == len(own):
+        raise InputFileError(path, "no tensor of the weights has a name of the network's: another network's?")
+    refused = (("wrong shape", wrong),) if partial else (("missing", missing), ("unexpected", unexpected),
+                                                        ("wrong shape", wrong))
+    parts = [f"{name} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for name, keys in refused if keys]
+    if parts:
         raise InputFileError(path, f"the weights do not fit the network ({'; '.join(parts)}): another "
                                    "configuration's weights?")
+    return missing, unexpected

@@ -58,25 +58,13 @@ def load_state(network, path, map_location="cpu", strict: bool = True, large_fil
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    if strict:
-        check_state_fits(path, state, network)
-        network.load_state_dict(state)
-    else:
-        if not isinstance(state, dict):
-            raise InputFileError(path, f"expected a state_dict, found {type(state).__name__}")
-        own = network.state_dict()
-        shared = set(own) & set(state)
-        wrong = sorted(k for k in shared if tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape))
-        if wrong:
-            raise InputFileError(path, f"the weights do not fit the network (wrong shape {_names(wrong)})")
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if len(missing) == len(own):
-            raise InputFileError(path, "no tensor of the weights has a name of the network's: another network's?")
-        network.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            logger.warning("%s: loaded the %d tensors the network shares with the file; %d of the network's kept "
-                           "their initialisation (%s), %d of the file's were ignored (%s)", path,
-                           len(own) - len(missing), len(missing), _names(missing), len(unexpected), _names(unexpected))
+    missing, unexpected = check_state_fits(path, state, network, partial=not strict)
+    network.load_state_dict(state, strict=strict)
+    if missing or unexpected:
+        shared = len(network.state_dict()) - len(missing)
+        logger.warning("%s: loaded the %d tensors the network shares with the file; %d of the network's kept their "
+                       "initialisation (%s), %d of the file's were ignored (%s)", path, shared, len(missing),
+                       _names(missing), len(unexpected), _names(unexpected))
     logger.info("loaded weights from %s", path)
     return network
 
